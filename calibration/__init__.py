@@ -1,0 +1,1 @@
+"""iwp.calibration: calibration hooks that choose method defaults from data (stage layers, λ, ...)."""

@@ -1,0 +1,113 @@
+"""Turn images and prompts into a model batch, deriving where the image tokens sit.
+
+Positions come from the tokenizer, the chat template and the image-token id, never from a fixed offset.
+Batches are left-padded; each prompt holds exactly one image, whose N visual tokens are contiguous.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .zoo import Loaded
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor        # [B, T]
+    attention_mask: Tensor   # [B, T] 1 on real tokens (left padding)
+    positions: Tensor        # [B, T] RoPE positions
+    pixel_values: Tensor     # [B, crops, 3, H, W]
+    image_sizes: Tensor      # [B, 2]
+    visual_start: Tensor     # [B] first image token
+    n_visual: int            # N image tokens per sample
+    query_idx: Tensor        # [B, Q] instruction tokens: every real token after the image
+    query_mask: Tensor       # [B, Q]
+    last_idx: Tensor         # [B]
+    visual_xy: Tensor        # [N, 2] (y, x) in [0, 1] of each visual token on its crop grid
+
+
+def load_image(image) -> Image.Image:
+    """An RGB image from a path or a PIL image. Grayscale, RGBA, palette and 16-bit inputs are converted."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image {path} does not exist; pass a path to a PNG or JPEG file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"image {path} is empty (0 bytes); pass a valid PNG or JPEG file")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = im.copy()
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"image {path} cannot be read ({err}); pass a valid PNG or JPEG file") from None
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected an image path or a PIL image, got {type(image).__name__}")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        image = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparent areas become white
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def chat_text(processor, prompt: str, system: str | None = None) -> str:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def visual_grid_xy(loaded: Loaded) -> Tensor:
+    """(y, x) of each visual token in its crop's frame: the base grid, then the high-res rows with newlines."""
+    def grid(rows: int, cols: int) -> Tensor:
+        y, x = torch.meshgrid((torch.arange(rows) + 0.5) / rows, (torch.arange(cols) + 0.5) / cols, indexing="ij")
+        return torch.stack([y, x], dim=-1)
+    side = loaded.patch_side
+    rows, cols = loaded.high_res_shape
+    newline = torch.stack([(torch.arange(rows) + 0.5) / rows, torch.ones(rows)], dim=-1)[:, None]
+    high = torch.cat([grid(rows, cols), newline], dim=1)            # [rows, cols + 1, 2]
+    return torch.cat([grid(side, side).reshape(-1, 2), high.reshape(-1, 2)])
+
+
+def make_batch(loaded: Loaded, images, prompts, system: str | None = None) -> Batch:
+    images = images if isinstance(images, (list, tuple)) else [images]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    processor = loaded.processor
+    texts = [chat_text(processor, p, system) for p in prompts]
+    image_token = processor.image_token
+    for text in texts:
+        if text.count(image_token) != 1:
+            raise ValueError(f"a prompt holds {text.count(image_token)} {image_token} tokens; iwp takes exactly one "
+                             f"image per prompt, so remove {image_token} from the prompt text")
+    if len(images) != len(texts):
+        raise ValueError(f"got {len(images)} image(s) for {len(texts)} prompt(s); pass one image per prompt")
+    height, width = loaded.resolution
+    pil = [load_image(im).resize((width, height), Image.Resampling.BICUBIC) for im in images]
+    enc = processor(images=pil, text=texts, return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    is_image = ids == processor.image_token_id
+    n = loaded.n_visual
+    counts = is_image.sum(dim=1)
+    if (counts != n).any():
+        raise ValueError(f"prompt has {counts.tolist()} image tokens but the {loaded.spec.grid_name} grid gives {n}; "
+                         f"the processor and the model disagree, rebuild with a matching grid")
+    start = is_image.int().argmax(dim=1)
+    span = torch.arange(n)[None] + start[:, None]
+    if not is_image.gather(1, span).all():
+        raise ValueError("the image tokens are not contiguous; iwp takes exactly one image per prompt")
+    t = ids.shape[1]
+    after = start + n                              # first instruction token
+    q = int((t - after).max())
+    if q < 1:
+        raise ValueError("no text follows the image; the chat template must put the prompt after the image")
+    query_idx = (after[:, None] + torch.arange(q)[None]).clamp(max=t - 1)
+    query_mask = (after[:, None] + torch.arange(q)[None]) < t
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions, enc["pixel_values"], enc["image_sizes"], start, n,
+                 query_idx, query_mask, torch.full((ids.shape[0],), t - 1), visual_grid_xy(loaded))

@@ -1,0 +1,50 @@
+"""Static, preallocated per-layer KV caches: the one definition of their layout.
+
+Layer l holds prefill_len[l] + max_new slots of shape [B, Hkv, slots, d]. After pruning, later layers have
+shorter prefills, so their caches are shorter. Decode step s writes slot prefill_len[l] + s of every layer;
+`valid` masks padding and the slots not yet written, so shapes never change and decode can be captured.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    prefill_len: list[int]
+    keys: list[Tensor]      # per layer [B, Hkv, prefill_len + max_new, d]
+    values: list[Tensor]
+    valid: list[Tensor]     # per layer [B, prefill_len + max_new] bool
+    max_new: int
+
+    @classmethod
+    def allocate(cls, prefill_len: list[int], max_new: int, batch: int, n_kv: int, head_dim: int,
+                 dtype: torch.dtype, device) -> "KVCache":
+        shapes = [(batch, n_kv, n + max_new, head_dim) for n in prefill_len]
+        return cls(list(prefill_len), [torch.zeros(s, dtype=dtype, device=device) for s in shapes],
+                   [torch.zeros(s, dtype=dtype, device=device) for s in shapes],
+                   [torch.zeros(batch, n + max_new, dtype=torch.bool, device=device) for n in prefill_len], max_new)
+
+    def fill(self, layer: int, k: Tensor, v: Tensor, key_mask: Tensor) -> None:
+        n = self.prefill_len[layer]
+        assert k.shape[2] == n, f"layer {layer}: prefill wrote {k.shape[2]} tokens into a cache laid out for {n}"
+        self.keys[layer][:, :, :n] = k
+        self.values[layer][:, :, :n] = v
+        self.valid[layer][:, :n] = key_mask
+
+    def append(self, layer: int, step: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Write one token's k, v [B, Hkv, 1, d] at decode step `step`; return the layer's full (k, v, valid)."""
+        if step >= self.max_new:
+            raise ValueError(f"decode step {step} is past the cache's {self.max_new} new-token slots; "
+                             f"raise max_new_tokens")
+        slot = self.prefill_len[layer] + step
+        self.keys[layer][:, :, slot] = k[:, :, 0]
+        self.values[layer][:, :, slot] = v[:, :, 0]
+        self.valid[layer][:, slot] = True
+        return self.keys[layer], self.values[layer], self.valid[layer]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -1,0 +1,168 @@
+"""The model zoo: named LLaVA-OneVision presets, and loading them from weights, a checkpoint, or a seed.
+
+- tiny-llava-ov: the real HF classes (SigLIP tower, projector, Qwen2 LM) at small sizes, seeded random
+  weights and a local byte-level tokenizer. Builds in about a second with no download.
+- llava-ov-0.5b / llava-ov-7b: real checkpoints from MODEL_PATH or the HF cache; with random_weights the
+  real-size architecture from the config stored in iwp/configs (for latency work, no download).
+
+The crop grid is part of the build: an edge camera has one resolution, so images are resized to the
+grid's resolution and the number of visual tokens N is fixed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+from .processor import ImageProcessor, local_processor, processor_from_checkpoint
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hf_id: str | None                 # None: built locally, never downloaded
+    grid: tuple[int, int]             # high-res crops (rows, cols) beside the base crop
+    budget: int                       # default BUDGET for `make engine`
+    method_defaults: dict = field(default_factory=dict)  # per-method option overrides, e.g. chosen layers
+
+    def __post_init__(self):
+        rows, cols = self.grid
+        if rows < 1 or cols < 1 or rows * cols > 9:
+            raise ValueError(f"grid {rows}x{cols} is not allowed; use RxC with 1 <= R*C <= 9 (anyres_max_9)")
+
+    @property
+    def grid_name(self) -> str:
+        return f"{self.grid[0]}x{self.grid[1]}"
+
+
+PRESETS = {
+    "tiny-llava-ov": ModelSpec("tiny-llava-ov", None, grid=(2, 2), budget=64),
+    "llava-ov-0.5b": ModelSpec("llava-ov-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", grid=(1, 1), budget=128),
+    "llava-ov-7b": ModelSpec("llava-ov-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", grid=(1, 1), budget=128),
+}
+
+TINY_SEED = 0
+TINY_IMAGE_SIZE, TINY_PATCH = 64, 8   # an 8x8 grid of patches per crop
+
+
+def get_spec(name: str, grid: str | None = None) -> ModelSpec:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
+    spec = PRESETS[name]
+    return dataclasses.replace(spec, grid=parse_grid(grid)) if grid else spec
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"grid {text!r} is not of the form RxC, e.g. 1x1 or 2x2") from None
+    return rows, cols
+
+
+def all_pinpoints(image_size: int) -> list[list[int]]:
+    return [[image_size * r, image_size * c] for r in range(1, 4) for c in range(1, 4)]
+
+
+@dataclass
+class Loaded:
+    spec: ModelSpec
+    model: LlavaOnevisionForConditionalGeneration
+    processor: ImageProcessor
+    source: str                       # where the weights came from, for the manifest
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.vision_config.image_size
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """(height, width) every input image is resized to: the grid's anyres resolution."""
+        return self.spec.grid[0] * self.image_size, self.spec.grid[1] * self.image_size
+
+    @property
+    def patch_side(self) -> int:
+        """Patches per side of one crop."""
+        return self.image_size // self.model.config.vision_config.patch_size
+
+    @property
+    def high_res_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the high-res feature grid, before the newline column."""
+        side = self.patch_side
+        rows, cols = self.spec.grid[0] * side, self.spec.grid[1] * side
+        ratio = math.sqrt(rows * cols / (9 * side * side))
+        if ratio > 1.1:  # anyres_max_9 downsamples past nine crops' worth of tokens
+            rows, cols = int(rows // ratio), int(cols // ratio)
+        return rows, cols
+
+    @property
+    def n_visual(self) -> int:
+        """Visual tokens per image: the base crop, then the high-res grid with a newline per row."""
+        rows, cols = self.high_res_shape
+        return self.patch_side ** 2 + rows * (cols + 1)
+
+
+def tiny_config(vocab_size: int, image_token: int, video_token: int) -> LlavaOnevisionConfig:
+    return LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=TINY_IMAGE_SIZE,
+                           patch_size=TINY_PATCH),
+        text_config=dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, tie_word_embeddings=False),
+        image_token_index=image_token, video_token_index=video_token,
+        image_grid_pinpoints=all_pinpoints(TINY_IMAGE_SIZE),
+        vision_feature_layer=-1, vision_feature_select_strategy="full")
+
+
+def _build_random(config: LlavaOnevisionConfig, seed: int, dtype: torch.dtype):
+    torch.manual_seed(seed)
+    config.text_config._attn_implementation = "sdpa"
+    return LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
+
+
+def _checkpoint_dir(spec: ModelSpec, model_path: str | None) -> Path:
+    hint = (f"download {spec.hf_id} on a connected machine (`hf download {spec.hf_id}`) and pass "
+            f"MODEL_PATH=<dir>, or set RANDOM_WEIGHTS=1 for the real-size architecture with random weights")
+    if model_path:
+        path = Path(model_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"MODEL_PATH={path} holds no config.json for {spec.name}; {hint}")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(spec.hf_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        raise FileNotFoundError(f"weights for {spec.name} are not in the HF cache; {hint}") from None
+
+
+def load(name: str, *, grid: str | None = None, model_path: str | None = None,
+         random_weights: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
+    spec = get_spec(name, grid)
+    if spec.hf_id is None:
+        if model_path:
+            raise ValueError(f"{name} is built locally from a seed; drop MODEL_PATH or pick a real model")
+        processor = local_processor(TINY_IMAGE_SIZE, TINY_PATCH, all_pinpoints(TINY_IMAGE_SIZE))
+        tok = processor.tokenizer
+        config = tiny_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>"))
+        return Loaded(spec, _build_random(config, TINY_SEED, dtype), processor, f"seed:{TINY_SEED}")
+    if random_weights:
+        stored = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+        vision = stored["vision_config"]
+        processor = local_processor(vision["image_size"], vision["patch_size"], stored["image_grid_pinpoints"])
+        tok = processor.tokenizer  # local ids for the special tokens; shapes and FLOPs stay the real ones
+        stored.update(image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      video_token_index=tok.convert_tokens_to_ids("<video>"))
+        config = LlavaOnevisionConfig(**{k: v for k, v in stored.items() if k not in ("architectures", "model_type")})
+        return Loaded(spec, _build_random(config, 0, dtype), processor, f"random:{spec.hf_id}")
+    path = _checkpoint_dir(spec, model_path)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return Loaded(spec, model.eval(), processor_from_checkpoint(path), str(path))

@@ -1,0 +1,1 @@
+"""iwp.runtime: the engine runtime (issue: runtime). Until it lands, iwp.model runs the pruned model in PyTorch."""
