@@ -75,11 +75,15 @@ def visual_grid_xy(loaded: Loaded) -> Tensor:
     return torch.cat([grid(side, side).reshape(-1, 2), high.reshape(-1, 2)])
 
 
-def make_batch(loaded: Loaded, images, prompts, system: str | None = None) -> Batch:
+def make_batch(loaded: Loaded, images, prompts, system: str | list[str | None] | None = None) -> Batch:
+    """One image per prompt; `system` is one system prompt for all, or one per prompt."""
     images = images if isinstance(images, (list, tuple)) else [images]
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    systems = system if isinstance(system, (list, tuple)) else [system] * len(prompts)
+    if len(systems) != len(prompts):
+        raise ValueError(f"got {len(systems)} system prompts for {len(prompts)} prompts; pass one or one per prompt")
     processor = loaded.processor
-    texts = [chat_text(processor, p, system) for p in prompts]
+    texts = [chat_text(processor, p, s) for p, s in zip(prompts, systems)]
     image_token = processor.image_token
     for text in texts:
         if text.count(image_token) != 1:

@@ -41,12 +41,23 @@ def make_plan(stages: list[tuple[int, int]], n_layers: int, n_visual: int) -> Pl
     return Plan(stages, _tokens_per_layer(stages, n_layers, n_visual))
 
 
+def check_budget(budget, n_visual: int) -> None:
+    """The one check of BUDGET every plan runs: a whole number of tokens within 1..N."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+        raise ValueError(f"budget must be a positive integer number of visual tokens, got {budget!r}")
+    if budget > n_visual:
+        raise ValueError(f"budget {budget} is above the {n_visual} visual tokens this model and grid produce; "
+                         f"choose BUDGET between 1 and {n_visual}")
+
+
 def single_stage(layer: int, n_layers: int, n_visual: int, budget: int) -> Plan:
+    check_budget(budget, n_visual)
     return make_plan([(layer, budget)], n_layers, n_visual)
 
 
 def average_budget_plan(layers: tuple[int, ...], n_layers: int, n_visual: int, budget: int) -> Plan:
     """Keeps shrink geometrically, k_s = N·r^(s+1), with r chosen so the mean over layers is about BUDGET."""
+    check_budget(budget, n_visual)
     layers = tuple(sorted(layers))
     full_layers = layers[0]
     floor = (full_layers * n_visual + (n_layers - full_layers)) / n_layers
@@ -65,4 +76,5 @@ def average_budget_plan(layers: tuple[int, ...], n_layers: int, n_visual: int, b
     for _ in range(60):  # bisection on a monotone function of r
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean(mid) < budget else (lo, mid)
-    return make_plan(list(zip(layers, keeps(lo))), n_layers, n_visual)
+    best = min((lo, hi), key=lambda r: abs(mean(r) - budget))
+    return make_plan(list(zip(layers, keeps(best))), n_layers, n_visual)

@@ -1,0 +1,176 @@
+"""The `iwp` command line. Each Makefile target calls one subcommand; errors are one line on stderr, exit 2.
+
+    iwp engine        run the pruned model on an image: what it kept, the FLOPs saved, the answer
+    iwp compare       fidelity table of several methods against the unpruned model
+    iwp calibrate     BTP stage layers from adjacent-layer hidden-state change
+    iwp bench-select  IWP selection time on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .demo import demo_image
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def parse_options(items: list[str]) -> dict:
+    """--option name=value (JSON values: 0.5, 4, [1,3,5], "last"; bare words are strings)."""
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r} is not of the form name=value, e.g. lam=0.5")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options[key] = tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-llava-ov", help="preset name: tiny-llava-ov, llava-ov-0.5b, llava-ov-7b")
+    p.add_argument("--grid", default=None, help="crop grid RxC beside the base crop (default: the preset's)")
+    p.add_argument("--model-path", default=None, help="checkpoint directory (else the HF cache)")
+    p.add_argument("--random-weights", action="store_true", help="real-size architecture, random weights")
+    p.add_argument("--budget", type=positive_int, default=None, help="visual tokens kept (default: the preset's)")
+
+
+def _method_options(spec, method: str, cli_options: dict) -> dict:
+    return {**spec.method_defaults.get(method, {}), **cli_options}
+
+
+def _load(args):
+    from .model import PrunedLlavaOnevision
+    from .zoo import load
+    loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
+    return loaded, PrunedLlavaOnevision(loaded.model)
+
+
+def cmd_engine(args) -> None:
+    from .flops import describe_counts, model_dims, prefill_flops
+    from .inputs import make_batch
+    from iwp.plugins.visual_token_select import make_method
+
+    loaded, model = _load(args)
+    budget = args.budget or loaded.spec.budget
+    image = args.image or demo_image(0, loaded.resolution[::-1])
+    batch = make_batch(loaded, image, args.prompt)
+    n = batch.n_visual
+    method, plan = None, None
+    if args.method != "none":
+        method = make_method(args.method, **_method_options(loaded.spec, args.method, parse_options(args.option)))
+        plan = method.plan(model.n_layers, n, budget)
+    tokenizer = loaded.processor.tokenizer
+    start = time.perf_counter()
+    tokens, pre = model.generate(batch, method, plan, args.max_new_tokens, tokenizer.eos_token_id)
+    elapsed = time.perf_counter() - start
+    d, m = model_dims(loaded.model)
+    full = prefill_flops((n,) * model.n_layers, d, m)
+    pruned = prefill_flops(pre.tokens_per_layer, d, m)
+    print(f"model     {loaded.spec.name} ({loaded.source}), grid {loaded.spec.grid_name}, N={n} visual tokens, "
+          f"prompt {batch.input_ids.shape[1]} tokens")
+    print(f"method    {args.method}" + (f" {method.config}" if method else ""))
+    for (layer, keep), kept in zip(plan.stages if plan else (), pre.kept):
+        shown = kept[0].tolist()
+        print(f"kept      layer {layer}: {keep}/{n} visual tokens: {shown[:16]}{' ...' if len(shown) > 16 else ''}")
+    print(f"tokens    per layer {describe_counts(pre.tokens_per_layer)}")
+    print(f"flops     prefill over visual tokens {pruned / 1e9:.3f} of {full / 1e9:.3f} GFLOPs "
+          f"({1 - pruned / full:.1%} saved)")
+    print(f"answer    {tokenizer.decode(tokens[0], skip_special_tokens=True)!r}  "
+          f"({tokens.shape[1]} tokens in {elapsed:.2f}s)")
+
+
+def cmd_compare(args) -> None:
+    from .compare import compare, markdown
+    from .inputs import make_batch
+    from iwp.plugins.visual_token_select import METHODS
+
+    loaded, model = _load(args)
+    budget = args.budget or loaded.spec.budget
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        if name != "none" and name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from: none, {', '.join(METHODS)}")
+    size = loaded.resolution[::-1]
+    images = [demo_image(seed, size) for seed in range(args.images)]
+    batch = make_batch(loaded, images, [args.prompt] * args.images)
+    options = {name: _method_options(loaded.spec, name, {}) for name in methods}
+    layer = options.get("iwp", {}).get("layer", METHODS["iwp"].Config().layer)
+    rows = compare(model, batch, budget, methods, layer, options)
+    print(f"{loaded.spec.name}, grid {loaded.spec.grid_name}, N={batch.n_visual}, budget {budget}, "
+          f"{args.images} demo images")
+    print(markdown(rows, layer))
+
+
+def cmd_calibrate(args) -> None:
+    from .inputs import make_batch
+    from iwp.calibration.layer_similarity import adjacent_layer_change, choose_stage_layers
+
+    loaded, model = _load(args)
+    size = loaded.resolution[::-1]
+    batch = make_batch(loaded, [demo_image(s, size) for s in range(args.images)], [args.prompt] * args.images)
+    change = adjacent_layer_change(model, model.embed(batch), batch)
+    print("| layer | 1 - cos(h_l, h_l+1) |\n|---|---|")
+    for layer, value in enumerate(change.tolist()):
+        print(f"| {layer} | {value:.4f} |")
+    print(f"btp stage layers ({args.stages} stages): {choose_stage_layers(change, args.stages)}")
+
+
+def cmd_bench_select(args) -> None:
+    from .bench_select import run
+    run(args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iwp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("engine", help="run the pruned model and report what it kept")
+    _model_args(p)
+    p.add_argument("--method", default="iwp", help="iwp, btp, transprune, fastv, dart, divprune, random, none")
+    p.add_argument("--option", action="append", default=[], help="method option name=value, repeatable")
+    p.add_argument("--image", default=None, help="image path (default: a synthetic demo scene)")
+    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("compare", help="fidelity of methods against unpruned")
+    _model_args(p)
+    p.add_argument("--methods", default="iwp,btp,transprune,fastv,dart,divprune,random")
+    p.add_argument("--prompt", default="What colour is the largest shape?")
+    p.add_argument("--images", type=positive_int, default=4)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("calibrate", help="choose BTP stage layers from hidden-state change")
+    _model_args(p)
+    p.add_argument("--stages", type=positive_int, default=3)
+    p.add_argument("--prompt", default="What colour is the largest shape?")
+    p.add_argument("--images", type=positive_int, default=8)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("bench-select", help="IWP selection time on CPU")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.set_defaults(func=cmd_bench_select)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"iwp: error: {err}", file=sys.stderr)
+        sys.exit(2)
