@@ -79,6 +79,8 @@ def make_batch(loaded: Loaded, images, prompts, system: str | list[str | None] |
     """One image per prompt; `system` is one system prompt for all, or one per prompt."""
     images = images if isinstance(images, (list, tuple)) else [images]
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given; pass one image per prompt")
     systems = system if isinstance(system, (list, tuple)) else [system] * len(prompts)
     if len(systems) != len(prompts):
         raise ValueError(f"got {len(systems)} system prompts for {len(prompts)} prompts; pass one or one per prompt")

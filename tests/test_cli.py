@@ -1,0 +1,83 @@
+"""The `iwp` command line: what a user sees, and one-line errors with exit code 2."""
+import pytest
+import torch
+
+from iwp.calibration.layer_similarity import choose_stage_layers
+from iwp.cli import main
+from iwp.flops import describe_counts, layer_flops, prefill_flops
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def test_engine_reports_kept_tokens_flops_and_answer(capsys):
+    code, out, _ = run(capsys, "engine", "--model", "tiny-llava-ov", "--budget", "48", "--max-new-tokens", "4")
+    assert code == 0
+    assert "kept      layer 2: 48/336 visual tokens" in out
+    assert "tokens    per layer 336x2 48x6" in out
+    assert "saved)" in out and "answer" in out
+
+
+def test_engine_method_none_and_options(capsys):
+    code, out, _ = run(capsys, "engine", "--method", "none", "--max-new-tokens", "2")
+    assert code == 0 and "336x8" in out and "(0.0% saved)" in out
+    code, out, _ = run(capsys, "engine", "--option", "lam=1.0", "--option", "queries=last", "--max-new-tokens", "2")
+    assert code == 0 and "lam=1.0" in out and "queries='last'" in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budget", "0"], "must be a positive integer"),
+    (["--budget", "1.5"], "must be a positive integer"),
+    (["--budget", "400"], "above the 336 visual tokens"),
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--model", "gpt-5"], "unknown model 'gpt-5'"),
+    (["--option", "lam=2"], "lam must be in [0, 1]"),
+    (["--option", "nonsense"], "name=value"),
+    (["--image", "/nonexistent.png"], "does not exist"),
+])
+def test_engine_bad_input_is_one_line(capsys, argv, words):
+    code, _, err = run(capsys, "engine", *argv)
+    assert code == 2
+    assert words in err
+    assert len(err.strip().splitlines()) == 1 or "usage" in err  # argparse prints usage + one error line
+    assert err.strip().splitlines()[-1].count(words) == 1
+
+
+def test_compare_prints_every_method(capsys):
+    code, out, _ = run(capsys, "compare", "--budget", "64", "--images", "2",
+                       "--methods", "iwp,btp,transprune,fastv,dart,divprune,random")
+    assert code == 0
+    for name in ("iwp", "btp", "transprune", "fastv", "dart", "divprune", "random"):
+        assert f"| {name} |" in out
+    assert "recon error @ layer 2" in out and "KL next-token" in out
+
+
+def test_calibrate_prints_btp_layers(capsys):
+    code, out, _ = run(capsys, "calibrate", "--images", "2", "--stages", "3")
+    assert code == 0 and "btp stage layers (3 stages)" in out
+
+
+def test_flop_model_matches_published_llava15_figures():
+    d, m, layers = 4096, 11008, 32  # LLaVA-1.5-7B
+    full = prefill_flops((576,) * layers, d, m)
+    fastv = prefill_flops((576,) * 2 + (288,) * (layers - 2), d, m)  # K=2, R=50%
+    assert round(full / 1e12, 2) == 3.82
+    assert round(fastv / 1e12, 2) == 2.01
+    assert layer_flops(0, d, m) == 0
+    assert describe_counts((5, 5, 3)) == "5x2 3x1"
+
+
+def test_stage_layers_follow_the_change_profile():
+    change = torch.tensor([0.5, 0.4, 0.05, 0.05, 0.05, 0.3, 0.01, 0.01])
+    layers = choose_stage_layers(change, 3)
+    assert layers == tuple(sorted(set(layers))) and len(layers) == 3
+    assert all(1 <= layer < 8 for layer in layers)
+    flat = choose_stage_layers(torch.full((8,), 0.1), 3)
+    assert flat == (2, 4, 6)  # equal quantiles of a uniform profile
+    with pytest.raises(ValueError, match="n_stages"):
+        choose_stage_layers(change, 8)
