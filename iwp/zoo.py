@@ -116,7 +116,8 @@ def tiny_config(vocab_size: int, image_token: int, video_token: int) -> LlavaOne
                            patch_size=TINY_PATCH),
         text_config=dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=False),
+                         max_position_embeddings=4096, tie_word_embeddings=False,
+                         initializer_range=0.1),  # peaked attention, as trained LVLMs have
         image_token_index=image_token, video_token_index=video_token,
         image_grid_pinpoints=all_pinpoints(TINY_IMAGE_SIZE),
         vision_feature_layer=-1, vision_feature_select_strategy="full")

@@ -7,8 +7,12 @@ i.e. attention probability × value norm, averaged over heads and the query set.
 Duplication of updates i and j: the cosine of the block-diagonal rank-1 updates ΔW_i = ⊕_h φ(k_i^h)ᵀ v_i^h
 (keys with RoPE), over the KV heads h:
     S_ij = Σ_h (v_i^h·v_j^h)·κ(k_i^h, k_j^h) / (‖ΔW_i‖·‖ΔW_j‖),  ‖ΔW_i‖² = Σ_h κ(k_i^h, k_i^h)·‖v_i^h‖²
-computed in log space, because κ(k, k) overflows fp32 on real activations. Every exponent below is ≤ 0
-by Cauchy–Schwarz, so nothing overflows.
+computed in log space, because κ(k, k) overflows fp32 on real activations. With a = k/d^¼,
+κ(k_i, k_j)/√(κ(k_i, k_i)·κ(k_j, k_j)) = exp(−½‖a_i − a_j‖²), so
+    S_ij = Σ_h w_i^h w_j^h · cos(v_i^h, v_j^h) · exp(−½‖a_i^h − a_j^h‖²),
+    w_i^h = √(κ(k_i^h, k_i^h)·‖v_i^h‖² / ‖ΔW_i‖²)   (a softmax over heads, square-rooted)
+a head-weighted RBF kernel on the keys times the value cosine. Every exponent is ≤ 0 and S_ii = 1 exactly,
+however large the keys.
 
 Selection: PCMMR (pcmmr.py).
 """
@@ -63,22 +67,20 @@ class UpdateCosine:
         self.a = k / math.sqrt(math.sqrt(k.shape[-1]))                      # a_i·a_j = k_i·k_j/√d
         vnorm = v.norm(dim=-1, keepdim=True).clamp(min=_EPS)
         self.v_unit = v / vnorm
-        self.log_vnorm = vnorm.squeeze(-1).log()                            # [B, Hkv, N]
-        # log ‖ΔW_i‖² = logsumexp_h (‖a_i^h‖² + 2 log ‖v_i^h‖)
-        self.log_norm2 = torch.logsumexp(self.a.square().sum(-1) + 2 * self.log_vnorm, dim=1)  # [B, N]
+        log_self = self.a.square().sum(-1) + 2 * vnorm.squeeze(-1).log()     # log κ(k_i, k_i)·‖v_i‖², [B, Hkv, N]
+        # log_softmax subtracts the max before anything else, so Σ_h w² = 1 even when log_self is ~1e4
+        self.log_w = 0.5 * torch.log_softmax(log_self, dim=1)              # log w_i^h <= 0
 
     def __call__(self, chosen: Tensor) -> Tensor:                           # chosen [B, c]
-        def pick(x: Tensor) -> Tensor:                                      # [B, H, N, ...] -> [B, H, c, ...]
-            idx = chosen[:, None, :]
-            if x.dim() == 4:
-                return x.gather(2, idx[..., None].expand(x.shape[0], x.shape[1], -1, x.shape[-1]))
-            return x.gather(2, idx.expand(x.shape[0], x.shape[1], -1))
-        cross = self.a @ pick(self.a).transpose(-1, -2)                     # [B, Hkv, N, c]
-        vcos = self.v_unit @ pick(self.v_unit).transpose(-1, -2)
-        log_norm_c = self.log_norm2.gather(1, chosen)                       # [B, c]
-        expo = (cross + self.log_vnorm[..., None] + pick(self.log_vnorm)[:, :, None, :]
-                - 0.5 * self.log_norm2[:, None, :, None] - 0.5 * log_norm_c[:, None, None, :])
-        return (vcos * expo.exp()).sum(dim=1)                               # [B, N, c]
+        b, h, n, d = self.a.shape
+        idx = chosen[:, None, :]
+        a_c = self.a.gather(2, idx[..., None].expand(b, h, -1, d))
+        v_c = self.v_unit.gather(2, idx[..., None].expand(b, h, -1, d))
+        # direct differences, not ‖a‖² + ‖b‖² − 2a·b, which cancels catastrophically for large keys
+        dist2 = torch.cdist(self.a.reshape(b * h, n, d), a_c.reshape(b * h, -1, d),
+                            compute_mode="donot_use_mm_for_euclid_dist").square().view(b, h, n, -1)
+        expo = -0.5 * dist2 + self.log_w[..., None] + self.log_w.gather(2, idx.expand(b, h, -1))[:, :, None, :]
+        return ((self.v_unit @ v_c.transpose(-1, -2)) * expo.exp()).sum(dim=1)   # [B, N, c]
 
 
 class IWP:

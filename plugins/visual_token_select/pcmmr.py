@@ -49,8 +49,8 @@ def chunk_schedule(k: int, chunk: int, growth: float) -> list[int]:
 
 
 def normalize_magnitude(m: Tensor) -> Tensor:
-    """m̂ = m / max(m) per row, so λ trades two quantities of the same [0, 1] scale."""
-    m = rankable(m)
+    """m̂ = m / max(m) per row over the finite entries (non-finite ones become 0; callers rank them last)."""
+    m = torch.where(torch.isfinite(m), m.float(), torch.zeros((), device=m.device))
     return m / m.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
@@ -58,18 +58,27 @@ def pcmmr(magnitude: Tensor, similarity: Callable[[Tensor], Tensor], k: int, lam
           chunk: int = 1, growth: float = 1.0, seed: Tensor | None = None) -> Tensor:
     """Select k of N candidates: [B, N] magnitudes -> [B, k] indices, ascending.
 
-    similarity(chosen [B, c]) returns S[:, :, chosen] as [B, N, c].
-    The first chunk is the top by magnitude (what MMR picks when S is empty); `seed` [B, s], if given,
-    is taken as that first chunk instead. chunk=1, growth=1 is exact greedy MMR; lam=1 is top-k.
+    similarity(columns [B, c]) returns S[:, :, columns] as [B, N, c].
+    Step s takes the 2·c_s best candidates by the MMR score against the set so far, then adds c_s of them by
+    exact greedy MMR among themselves, so two near-duplicates that score alike cannot enter in one chunk.
+    With an empty set the score is the magnitude. `seed` [B, s], if given, is taken as the first chunk.
+    chunk=1, growth=1 is exact greedy MMR; lam=1 is top-k by magnitude.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam}")
     b, n = magnitude.shape
     if not 0 < k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    mag = normalize_magnitude(magnitude)
     if lam == 1.0 and seed is None:  # pure magnitude: the schedule cannot change the set
-        return top_k_sorted(mag, k)
+        return top_k_sorted(magnitude, k)
+    finite = torch.isfinite(magnitude)
+    mag = normalize_magnitude(magnitude)
+
+    def mmr(m: Tensor, max_sim: Tensor | None, ok: Tensor, excluded: Tensor) -> Tensor:
+        score = m if max_sim is None else lam * m - (1.0 - lam) * max_sim
+        score = torch.where(ok, rankable(score), torch.full_like(score, LOWEST))  # NaN tokens rank last
+        return score.masked_fill(excluded, float("-inf"))  # below LOWEST: never beats a candidate
+
     taken = torch.zeros(b, n, dtype=torch.bool, device=mag.device)
     chosen: list[Tensor] = []
     max_sim: Tensor | None = None
@@ -77,15 +86,30 @@ def pcmmr(magnitude: Tensor, similarity: Callable[[Tensor], Tensor], k: int, lam
     if seed is not None:
         sizes = [seed.shape[1]] + sizes
     for step, c in enumerate(sizes):
-        if step == 0:
-            new = seed if seed is not None else top_indices(mag, c)
+        if step == 0 and seed is not None:
+            new = seed
+            sim_new = similarity(new)
         else:
-            score = rankable(lam * mag - (1.0 - lam) * max_sim)
-            score = score.masked_fill(taken, float("-inf"))  # below LOWEST: taken never beats a candidate
-            new = top_indices(score, c)
+            pool = min(2 * c, n - sum(sizes[:step]))
+            # candidates in ascending index order, so argmax ties below go to the lower index
+            cand = top_indices(mmr(mag, max_sim, finite, taken), pool).sort(dim=-1).values   # [B, P]
+            sim_cand = torch.nan_to_num(similarity(cand).float(), nan=0.0)                   # [B, N, P]
+            intra = sim_cand.gather(1, cand[:, :, None].expand(-1, -1, pool))                # [B, P, P]
+            cand_mag, cand_ok = mag.gather(1, cand), finite.gather(1, cand)
+            inner = max_sim.gather(1, cand) if max_sim is not None else None
+            picked = torch.zeros(b, pool, dtype=torch.bool, device=mag.device)
+            picks = []
+            for _ in range(c):
+                p = mmr(cand_mag, inner, cand_ok, picked).argmax(dim=-1, keepdim=True)       # [B, 1]
+                picked.scatter_(1, p, True)
+                picks.append(p)
+                col = intra.gather(2, p[:, None, :].expand(-1, pool, 1)).squeeze(-1)         # [B, P]
+                inner = col if inner is None else torch.maximum(inner, col)
+            where = torch.cat(picks, dim=1)                                                  # [B, c]
+            new = cand.gather(1, where)
+            sim_new = sim_cand.gather(2, where[:, None, :].expand(-1, n, -1))                # [B, N, c]
         taken.scatter_(1, new, True)
         chosen.append(new)
-        if step + 1 < len(sizes):
-            sim = torch.nan_to_num(similarity(new).float(), nan=0.0).amax(dim=-1)  # [B, N]
-            max_sim = sim if max_sim is None else torch.maximum(max_sim, sim)
+        sim = torch.nan_to_num(sim_new.float(), nan=0.0).amax(dim=-1)                        # [B, N]
+        max_sim = sim if max_sim is None else torch.maximum(max_sim, sim)
     return torch.cat(chosen, dim=1).sort(dim=-1).values
