@@ -53,17 +53,6 @@ def ablate(model: PrunedLlavaOnevision, batch: Batch, budget: int, base: IWPConf
         kl = float(torch.nn.functional.kl_div(log_p, log_p_full, log_target=True, reduction="batchmean"))
         recon = layer_attention_error(model, embeds, batch, config.layer, pre.kept[0])
         steps = 1 if config.lam == 1.0 else len(chunk_schedule(budget, config.chunk, config.growth))
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            model.prefill(embeds, batch, method, plan)
-            times.append(time.perf_counter() - start)
-        base_times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            model.prefill(embeds, batch, None, None)
-            base_times.append(time.perf_counter() - start)
-        # selection time ~ pruned prefill minus its work saved is not separable here; time select() directly
         select_ms = _time_select(model, embeds, batch, method, plan)
         lines.append(f"| {name} | {recon:.4f} | {kl:.3e} | {_jaccard(pre.kept[0], greedy.kept[0]):.3f} | "
                      f"{steps} | {select_ms:.2f} |")

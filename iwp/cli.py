@@ -3,6 +3,7 @@
     iwp engine        run the pruned model on an image: what it kept, the FLOPs saved, the answer
     iwp compare       fidelity table of several methods against the unpruned model
     iwp calibrate     BTP stage layers from adjacent-layer hidden-state change
+    iwp ablate        IWP's open choices, one at a time around the defaults
     iwp bench-select  IWP selection time on CPU
 """
 from __future__ import annotations
@@ -129,6 +130,19 @@ def cmd_calibrate(args) -> None:
     print(f"btp stage layers ({args.stages} stages): {choose_stage_layers(change, args.stages)}")
 
 
+def cmd_ablate(args) -> None:
+    from .ablate import ablate
+    from .inputs import make_batch
+
+    loaded, model = _load(args)
+    budget = args.budget or loaded.spec.budget
+    size = loaded.resolution[::-1]
+    batch = make_batch(loaded, [demo_image(s, size) for s in range(args.images)], [args.prompt] * args.images)
+    print(f"{loaded.spec.name}, grid {loaded.spec.grid_name}, N={batch.n_visual}, budget {budget}, "
+          f"{args.images} demo images")
+    print(ablate(model, batch, budget))
+
+
 def cmd_bench_select(args) -> None:
     from .bench_select import run
     run(args.repeats)
@@ -160,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What colour is the largest shape?")
     p.add_argument("--images", type=positive_int, default=8)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("ablate", help="IWP's options one at a time around the defaults")
+    _model_args(p)
+    p.add_argument("--prompt", default="What colour is the largest shape?")
+    p.add_argument("--images", type=positive_int, default=8)
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("bench-select", help="IWP selection time on CPU")
     p.add_argument("--repeats", type=positive_int, default=5)

@@ -29,6 +29,7 @@ class Row:
     tokens_per_layer: tuple[int, ...]
     flops: float
     flops_ratio: float
+    note: str = ""           # why a method could not run at this budget
 
 
 @torch.no_grad()
@@ -71,7 +72,11 @@ def compare(model: PrunedLlavaOnevision, batch: Batch, budget: int, methods: lis
             rows.append(Row("none", 0.0, 0.0, base.tokens_per_layer, full_flops, 1.0))
             continue
         method = make_method(name, **method_options.get(name, {}))
-        plan = method.plan(model.n_layers, n, budget)
+        try:
+            plan = method.plan(model.n_layers, n, budget)
+        except ValueError as err:  # e.g. a multi-stage budget below what its unpruned layers cost
+            rows.append(Row(name, float("nan"), float("nan"), (), float("nan"), float("nan"), str(err)))
+            continue
         pre = model.prefill(embeds, batch, method, plan)
         log_p = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)
         kl = float(F.kl_div(log_p, log_p_full, log_target=True, reduction="batchmean"))
@@ -85,6 +90,9 @@ def markdown(rows: list[Row], layer: int) -> str:
     lines = [f"| method | recon error @ layer {layer} | KL next-token | visual tokens per layer | "
              f"prefill GFLOPs (visual) | vs unpruned |", "|---|---|---|---|---|---|"]
     for r in rows:
+        if r.note:
+            lines.append(f"| {r.method} | — | — | not run: {r.note} | — | — |")
+            continue
         lines.append(f"| {r.method} | {r.recon:.4f} | {r.kl:.3e} | {describe_counts(r.tokens_per_layer)} | "
                      f"{r.flops / 1e9:.3f} | {r.flops_ratio:.1%} |")
     return "\n".join(lines)

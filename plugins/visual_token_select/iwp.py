@@ -34,7 +34,7 @@ _EPS = 1e-12
 @dataclass(frozen=True)
 class IWPConfig:
     layer: int = 2            # pruning layer L; layers before it see every token
-    lam: float = 0.7          # λ: magnitude weight; 1 = top-K by magnitude
+    lam: float = 0.3          # λ: magnitude weight; 1 = top-K by magnitude
     chunk: int = 4            # first chunk size c_0
     growth: float = 1.5       # c_s = round(c_0·growth^s): the progressive schedule
     queries: str = "instruction"  # 'instruction' (tokens after the image) or 'last'
@@ -59,27 +59,34 @@ def magnitude(view: LayerView, queries: str) -> Tensor:
 
 
 class UpdateCosine:
-    """S[:, :, chosen] for the rank-1 updates of the visual tokens, O(N·c) memory per call."""
+    """S[:, :, chosen] for the rank-1 updates of the visual tokens, O(N·c) memory per call.
+
+    ‖a_i − a_j‖² is taken from a matmul on keys centred per head (distances are unchanged, and real keys
+    share a large common component, so centring removes most of the cancellation), clamped at 0, and set
+    to exactly 0 for i = j. Then S_ii = 1 and |S_ij| ≤ Σ_h w_i^h w_j^h ≤ 1 hold by construction.
+    """
 
     def __init__(self, view: LayerView):
         k = view.visual(view.k_rot).float()                                 # [B, Hkv, N, d]
         v = view.visual(view.v).float()
-        self.a = k / math.sqrt(math.sqrt(k.shape[-1]))                      # a_i·a_j = k_i·k_j/√d
+        a = k / math.sqrt(math.sqrt(k.shape[-1]))                           # a_i·a_j = k_i·k_j/√d
         vnorm = v.norm(dim=-1, keepdim=True).clamp(min=_EPS)
         self.v_unit = v / vnorm
-        log_self = self.a.square().sum(-1) + 2 * vnorm.squeeze(-1).log()     # log κ(k_i, k_i)·‖v_i‖², [B, Hkv, N]
+        log_self = a.square().sum(-1) + 2 * vnorm.squeeze(-1).log()         # log κ(k_i, k_i)·‖v_i‖², [B, Hkv, N]
         # log_softmax subtracts the max before anything else, so Σ_h w² = 1 even when log_self is ~1e4
         self.log_w = 0.5 * torch.log_softmax(log_self, dim=1)              # log w_i^h <= 0
+        self.a = a - a.mean(dim=2, keepdim=True)
+        self.sq = self.a.square().sum(-1)                                   # [B, Hkv, N]
 
     def __call__(self, chosen: Tensor) -> Tensor:                           # chosen [B, c]
         b, h, n, d = self.a.shape
-        idx = chosen[:, None, :]
-        a_c = self.a.gather(2, idx[..., None].expand(b, h, -1, d))
-        v_c = self.v_unit.gather(2, idx[..., None].expand(b, h, -1, d))
-        # direct differences, not ‖a‖² + ‖b‖² − 2a·b, which cancels catastrophically for large keys
-        dist2 = torch.cdist(self.a.reshape(b * h, n, d), a_c.reshape(b * h, -1, d),
-                            compute_mode="donot_use_mm_for_euclid_dist").square().view(b, h, n, -1)
-        expo = -0.5 * dist2 + self.log_w[..., None] + self.log_w.gather(2, idx.expand(b, h, -1))[:, :, None, :]
+        idx = chosen[:, None, :].expand(b, h, -1)
+        a_c = self.a.gather(2, idx[..., None].expand(-1, -1, -1, d))
+        v_c = self.v_unit.gather(2, idx[..., None].expand(-1, -1, -1, d))
+        dist2 = self.sq[..., None] + self.sq.gather(2, idx)[:, :, None, :] - 2 * (self.a @ a_c.transpose(-1, -2))
+        itself = torch.arange(n, device=chosen.device)[None, :, None] == chosen[:, None, :]   # [B, N, c]
+        dist2 = dist2.clamp(min=0).masked_fill(itself[:, None], 0.0)
+        expo = -0.5 * dist2 + self.log_w[..., None] + self.log_w.gather(2, idx)[:, :, None, :]
         return ((self.v_unit @ v_c.transpose(-1, -2)) * expo.exp()).sum(dim=1)   # [B, N, c]
 
 
