@@ -49,6 +49,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=positive_int, default=None, help="visual tokens kept (default: the preset's)")
 
 
+def _scene_args(p: argparse.ArgumentParser, images: int) -> None:
+    p.add_argument("--prompt", default="What colour is the largest shape?")
+    p.add_argument("--images", type=positive_int, default=images, help="seeded synthetic demo scenes")
+
+
+def _demo_batch(loaded, args):
+    from .inputs import make_batch
+    size = loaded.resolution[::-1]
+    images = [demo_image(seed, size) for seed in range(args.images)]
+    return make_batch(loaded, images, [args.prompt] * args.images)
+
+
 def _method_options(spec, method: str, cli_options: dict) -> dict:
     return {**spec.method_defaults.get(method, {}), **cli_options}
 
@@ -96,7 +108,6 @@ def cmd_engine(args) -> None:
 
 def cmd_compare(args) -> None:
     from .compare import compare, markdown
-    from .inputs import make_batch
     from iwp.plugins.visual_token_select import METHODS
 
     loaded, model = _load(args)
@@ -105,9 +116,7 @@ def cmd_compare(args) -> None:
     for name in methods:
         if name != "none" and name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from: none, {', '.join(METHODS)}")
-    size = loaded.resolution[::-1]
-    images = [demo_image(seed, size) for seed in range(args.images)]
-    batch = make_batch(loaded, images, [args.prompt] * args.images)
+    batch = _demo_batch(loaded, args)
     options = {name: _method_options(loaded.spec, name, {}) for name in methods}
     layer = options.get("iwp", {}).get("layer", METHODS["iwp"].Config().layer)
     rows = compare(model, batch, budget, methods, layer, options)
@@ -117,12 +126,10 @@ def cmd_compare(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .inputs import make_batch
     from iwp.calibration.layer_similarity import adjacent_layer_change, choose_stage_layers
 
     loaded, model = _load(args)
-    size = loaded.resolution[::-1]
-    batch = make_batch(loaded, [demo_image(s, size) for s in range(args.images)], [args.prompt] * args.images)
+    batch = _demo_batch(loaded, args)
     change = adjacent_layer_change(model, model.embed(batch), batch)
     print("| layer | 1 - cos(h_l, h_l+1) |\n|---|---|")
     for layer, value in enumerate(change.tolist()):
@@ -132,12 +139,10 @@ def cmd_calibrate(args) -> None:
 
 def cmd_ablate(args) -> None:
     from .ablate import ablate
-    from .inputs import make_batch
 
     loaded, model = _load(args)
     budget = args.budget or loaded.spec.budget
-    size = loaded.resolution[::-1]
-    batch = make_batch(loaded, [demo_image(s, size) for s in range(args.images)], [args.prompt] * args.images)
+    batch = _demo_batch(loaded, args)
     print(f"{loaded.spec.name}, grid {loaded.spec.grid_name}, N={batch.n_visual}, budget {budget}, "
           f"{args.images} demo images")
     print(ablate(model, batch, budget))
@@ -164,21 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="fidelity of methods against unpruned")
     _model_args(p)
     p.add_argument("--methods", default="iwp,btp,transprune,fastv,dart,divprune,random")
-    p.add_argument("--prompt", default="What colour is the largest shape?")
-    p.add_argument("--images", type=positive_int, default=4)
+    _scene_args(p, images=4)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("calibrate", help="choose BTP stage layers from hidden-state change")
     _model_args(p)
     p.add_argument("--stages", type=positive_int, default=3)
-    p.add_argument("--prompt", default="What colour is the largest shape?")
-    p.add_argument("--images", type=positive_int, default=8)
+    _scene_args(p, images=8)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("ablate", help="IWP's options one at a time around the defaults")
     _model_args(p)
-    p.add_argument("--prompt", default="What colour is the largest shape?")
-    p.add_argument("--images", type=positive_int, default=8)
+    _scene_args(p, images=8)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("bench-select", help="IWP selection time on CPU")

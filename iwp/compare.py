@@ -42,9 +42,9 @@ def layer_attention_error(model: PrunedLlavaOnevision, embeds, batch: Batch, lay
     b, t = batch.input_ids.shape
     rows = batch.query_idx                                                     # [B, Q]
     q = q_rot.gather(2, rows[:, None, :, None].expand(-1, q_rot.shape[1], -1, q_rot.shape[-1]))
-    visible = (torch.arange(t)[None, None, :] <= rows[:, :, None]) & batch.attention_mask.bool()[:, None, :]
-    keep_key = torch.ones(b, t, dtype=torch.bool)
-    visual = batch.visual_start[:, None] + torch.arange(batch.n_visual)[None]
+    visible = (torch.arange(t, device=rows.device)[None, None, :] <= rows[:, :, None]) & batch.attention_mask.bool()[:, None, :]
+    keep_key = torch.ones(b, t, dtype=torch.bool, device=rows.device)
+    visual = batch.visual_start[:, None] + torch.arange(batch.n_visual, device=rows.device)[None]
     keep_key.scatter_(1, visual, False)
     keep_key.scatter_(1, batch.visual_start[:, None] + kept, True)
 
