@@ -20,6 +20,7 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from .inputs import Batch
 from .kv_cache import KVCache
 from iwp.plugins.visual_token_select import LayerView, Plan
+from iwp.plugins.visual_token_select.torch_op import select
 from iwp.plugins.visual_token_select.transprune import transition_variation
 
 
@@ -123,7 +124,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
                 n_alive = original.shape[1]
                 view = LayerView(h, q, k, q_rot, k_rot, v, key_mask, visual_start, n_alive, query_idx,
                                  batch.query_mask, last_idx, xy, ttv, index, stage_of[index], len(stages))
-                keep = method.select(view, stages[index])                          # [B, K]
+                keep = select(method, view, stages[index])                         # [B, K], one op node
                 src = compact_index(visual_start, n_alive, keep, h.shape[1])
                 h, q_rot, k_rot, v = _take(h, src), _take(q_rot, src), _take(k_rot, src), _take(v, src)
                 positions, key_mask = _take(positions, src), _take(key_mask, src)

@@ -1,0 +1,59 @@
+"""VisualTokenSelect in ONNX: its OpSchema (so the checker and shape inference accept the node) and the
+translation the torch exporter uses to emit it from `torch.ops.iwp.visual_token_select`.
+
+Both read the contract (plugins/visual_token_select/contract.py). Registering the schema happens on the
+first call to `register_schema()`, never at import.
+"""
+from __future__ import annotations
+
+import json
+
+import onnxscript
+from onnx import defs
+
+from iwp.plugins.visual_token_select import contract
+
+_ONNX_ATTR = {bool: defs.OpSchema.AttrType.INT, int: defs.OpSchema.AttrType.INT,
+              float: defs.OpSchema.AttrType.FLOAT, str: defs.OpSchema.AttrType.STRING,
+              tuple: defs.OpSchema.AttrType.INTS}
+_INPUT_TYPES = {"key_mask": "B", "query_mask": "B", "visual_start": "I", "query_idx": "I", "last_idx": "I",
+                "visual_xy": "F", "ttv": "F"}
+
+IWP_OPSET = onnxscript.values.Opset(contract.DOMAIN, contract.OP_VERSION)
+
+
+def schema() -> defs.OpSchema:
+    attributes = [defs.OpSchema.Attribute(name, _ONNX_ATTR[kind], "", required=name in ("method", "keep"))
+                  for name, kind in {**contract.CORE_ATTRIBUTES, **contract.method_attributes()}.items()]
+    inputs = [defs.OpSchema.FormalParameter(name, _INPUT_TYPES.get(name, "T")) for name in contract.INPUTS]
+    return defs.OpSchema(
+        contract.OP_TYPE, contract.DOMAIN, contract.OP_VERSION,
+        doc="Select `keep` of the N visual tokens; see plugins/visual_token_select/README.md.",
+        inputs=inputs, outputs=[defs.OpSchema.FormalParameter(contract.OUTPUT, "I")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                          ("F", ["tensor(float)"], "fp32 side inputs"), ("B", ["tensor(bool)"], "masks"),
+                          ("I", ["tensor(int64)"], "positions and the output indices")],
+        attributes=attributes)
+
+
+def register_schema() -> None:
+    """Make onnx (checker, shape inference, the torch exporter) accept iwp::VisualTokenSelect. Idempotent."""
+    if not defs.has(contract.OP_TYPE, contract.DOMAIN):
+        defs.register_schema(schema())
+
+
+def translate(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx, query_mask, last_idx,
+              visual_xy, ttv, method: str, keep: int, layer_index: int, stage: int, n_stages: int, options: str):
+    """torch.ops.iwp.visual_token_select -> one iwp::VisualTokenSelect node with typed attributes."""
+    attrs = {"method": method, "keep": keep, "layer_index": layer_index, "stage": stage, "n_stages": n_stages,
+             "plugin_namespace": contract.PLUGIN_NAMESPACE, "plugin_version": contract.PLUGIN_VERSION}
+    attrs = contract.complete_attributes({**attrs, **json.loads(options)})
+    return IWP_OPSET.VisualTokenSelect(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx,
+                                       query_mask, last_idx, visual_xy, ttv, **attrs)
+
+
+def custom_translation_table() -> dict:
+    import torch
+    import iwp.plugins.visual_token_select.torch_op  # noqa: F401  (defines torch.ops.iwp.visual_token_select)
+    register_schema()
+    return {torch.ops.iwp.visual_token_select.default: translate}

@@ -1,0 +1,91 @@
+"""The VisualTokenSelect op contract, written once.
+
+The ONNX schema (iwp/export/onnx_op.py), the torch custom op, the ONNX Runtime op (iwp/runtime/ort_ops.py)
+and, later, the CUDA kernel and the TensorRT creator all read their names, input order and attributes from
+here. The method attributes are derived from the methods' config dataclasses, so a new option appears in
+every implementation at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from . import METHODS, make_method
+
+OP_TYPE = "VisualTokenSelect"
+DOMAIN = "iwp"                 # TensorRT's parser maps (op_type, plugin_namespace, plugin_version) to a plugin
+OP_VERSION = 1
+PLUGIN_NAMESPACE = "iwp"
+PLUGIN_VERSION = "1"
+
+# Input order of the node (LayerView's fields). ttv is zeros for methods that do not track it.
+INPUTS = ("hidden", "q", "k", "q_rot", "k_rot", "v", "key_mask", "visual_start", "query_idx", "query_mask",
+          "last_idx", "visual_xy", "ttv")
+OUTPUT = "indices"             # [B, keep] int64, ascending
+
+# Attributes every node carries, beside the method's own options.
+CORE_ATTRIBUTES = {"method": str, "keep": int, "layer_index": int, "stage": int, "n_stages": int,
+                   "plugin_namespace": str, "plugin_version": str}
+
+
+def _attribute_type(annotation) -> type:
+    """bool/int/float/str, or tuple for a list of ints; Optional[...] reads as its inner type."""
+    base = next(a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None))
+    if typing.get_origin(base) is tuple:
+        return tuple
+    if base in (bool, int, float, str):
+        return base
+    raise TypeError(f"no ONNX attribute type for {annotation!r}")
+
+
+def method_attributes() -> dict[str, type]:
+    """Union of every method's config fields: name -> bool/int/float/str/tuple (tuple = list of ints)."""
+    out: dict[str, type] = {}
+    for cls in METHODS.values():
+        hints = typing.get_type_hints(cls.Config)
+        for field in dataclasses.fields(cls.Config):
+            kind = _attribute_type(hints[field.name])
+            if out.setdefault(field.name, kind) is not kind:
+                raise TypeError(f"option {field.name!r} has two types across methods: {out[field.name]} and {kind}")
+    clash = set(out) & set(CORE_ATTRIBUTES)
+    if clash:
+        raise TypeError(f"method options {sorted(clash)} clash with the op's core attributes")
+    return out
+
+
+def node_attributes(method, keep: int, layer_index: int, stage: int, n_stages: int) -> dict:
+    """The attributes of one node: the core ones plus the method's options (None options are omitted)."""
+    attrs = {"method": method.name, "keep": keep, "layer_index": layer_index, "stage": stage,
+             "n_stages": n_stages, "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+    for field in dataclasses.fields(method.config):
+        value = getattr(method.config, field.name)
+        if value is not None:
+            attrs[field.name] = list(value) if isinstance(value, tuple) else value
+    return attrs
+
+
+_NEUTRAL = {bool: 0, int: 0, float: 0.0, str: ""}
+
+
+def complete_attributes(attrs: dict) -> dict:
+    """Every node carries every scalar attribute, so consumers (the TensorRT creator, ONNX Runtime's Python
+    op) read one fixed field list. Options of other methods get a neutral 0 / 0.0 / "" and are ignored."""
+    out = dict(attrs)
+    for name, kind in {**CORE_ATTRIBUTES, **method_attributes()}.items():
+        if kind in _NEUTRAL and name not in out:
+            out[name] = _NEUTRAL[kind]
+    return {k: int(v) if isinstance(v, bool) else v for k, v in out.items()}
+
+
+def method_from_attributes(attrs: dict):
+    """Rebuild the method a node describes; unknown methods and out-of-range options fail here, at load."""
+    name = attrs["method"]
+    if name not in METHODS:
+        raise ValueError(f"VisualTokenSelect: unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    fields = {f.name: f for f in dataclasses.fields(METHODS[name].Config)}
+    options = {}
+    for key, value in attrs.items():
+        if key in fields:
+            kind = _attribute_type(typing.get_type_hints(METHODS[name].Config)[key])
+            options[key] = tuple(int(v) for v in value) if kind is tuple else kind(value)
+    return make_method(name, **options)

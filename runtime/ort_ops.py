@@ -1,0 +1,69 @@
+"""VisualTokenSelect on ONNX Runtime (CPU), through onnxruntime-extensions' Python custom ops.
+
+ONNX Runtime's C/C++ headers are not on PyPI, so the op is registered as an extensions Python op. Those
+live only in the `ai.onnx.contrib` domain: `for_onnxruntime()` retargets the `iwp` nodes of a model *in
+memory*; the file on disk keeps domain `iwp`, which TensorRT's parser maps to the plugin.
+"""
+from __future__ import annotations
+
+import onnx
+
+from iwp.plugins.visual_token_select import contract
+
+ORT_DOMAIN = "ai.onnx.contrib"
+_registered = False
+
+
+def register() -> str:
+    """Register the Python op once; returns the extensions library path for SessionOptions."""
+    global _registered
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+    if not _registered:
+        import numpy as np
+        import torch
+
+        from iwp.plugins.visual_token_select.torch_op import visual_token_select
+
+        scalar = {bool: PyCustomOpDef.dt_int64, int: PyCustomOpDef.dt_int64, float: PyCustomOpDef.dt_float,
+                  str: PyCustomOpDef.dt_string}
+        attrs = {name: scalar[kind] for name, kind in {**contract.CORE_ATTRIBUTES,
+                                                       **contract.method_attributes()}.items() if kind in scalar}
+        dtypes = {"key_mask": PyCustomOpDef.dt_bool, "query_mask": PyCustomOpDef.dt_bool,
+                  "visual_start": PyCustomOpDef.dt_int64, "query_idx": PyCustomOpDef.dt_int64,
+                  "last_idx": PyCustomOpDef.dt_int64}
+
+        @onnx_op(op_type=contract.OP_TYPE, domain=ORT_DOMAIN,
+                 inputs=[dtypes.get(name, PyCustomOpDef.dt_float) for name in contract.INPUTS],
+                 outputs=[PyCustomOpDef.dt_int64], attrs=attrs)
+        def _visual_token_select(*arrays, **node_attrs):
+            import json
+            core = {"method", "keep", "layer_index", "stage", "n_stages", "plugin_namespace", "plugin_version"}
+            options = {k: v for k, v in node_attrs.items() if k not in core}  # method_from_attributes keeps its own
+            tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+            out = visual_token_select(*tensors, node_attrs["method"], int(node_attrs["keep"]),
+                                      int(node_attrs.get("layer_index", 0)), int(node_attrs.get("stage", 0)),
+                                      int(node_attrs.get("n_stages", 1)), json.dumps(options))
+            return out.numpy()
+        _registered = True
+    return get_library_path()
+
+
+def for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose iwp nodes sit in ai.onnx.contrib (the file on disk is not touched)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.domain == contract.DOMAIN:
+            node.domain = ORT_DOMAIN
+    for opset in out.opset_import:
+        if opset.domain == contract.DOMAIN:
+            opset.domain = ORT_DOMAIN
+    return out
+
+
+def session(model: onnx.ModelProto, providers: list[str] | None = None):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(register())
+    return ort.InferenceSession(for_onnxruntime(model).SerializeToString(), options,
+                                providers=providers or ["CPUExecutionProvider"])
