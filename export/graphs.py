@@ -1,0 +1,56 @@
+"""The exportable graphs of an engine, as torch modules with static shapes.
+
+prefill: input embeddings (text and image merged) [B, T, D], attention mask, positions and the derived
+         token positions in; logits [B, T', V], the kept indices of each stage [B, K_s], and each layer's
+         present K/V [B, Hkv, T_l, d] out. The selection is one iwp::VisualTokenSelect node per stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import torch
+
+from iwp.inputs import Batch
+from iwp.model import PrunedLlavaOnevision
+
+PREFILL_INPUTS = ("inputs_embeds", "attention_mask", "positions", "visual_start", "query_idx", "query_mask",
+                  "last_idx")
+
+
+class PrefillGraph(torch.nn.Module):
+    def __init__(self, model: PrunedLlavaOnevision, template: Batch, method, plan):
+        super().__init__()
+        self.model, self.template, self.method, self.plan = model, template, method, plan
+        self.register_buffer("visual_xy", template.visual_xy.clone())   # fixed by the crop grid
+
+    def output_names(self) -> list[str]:
+        names = ["logits"] + [f"kept.{s}" for s in range(len(self.plan.stages) if self.method else 0)]
+        for layer in range(self.model.n_layers):
+            names += [f"present.{layer}.key", f"present.{layer}.value"]
+        return names
+
+    def forward(self, inputs_embeds, attention_mask, positions, visual_start, query_idx, query_mask, last_idx):
+        batch = dataclasses.replace(self.template, attention_mask=attention_mask, positions=positions,
+                                    visual_start=visual_start, query_idx=query_idx, query_mask=query_mask,
+                                    last_idx=last_idx, visual_xy=self.visual_xy)
+        pre = self.model.prefill(inputs_embeds, batch, self.method, self.plan)
+        outputs = [pre.logits, *pre.kept]
+        for key, value in zip(pre.cache.keys, pre.cache.values):
+            outputs += [key, value]
+        return tuple(outputs)
+
+    def example_inputs(self, embeds: torch.Tensor) -> tuple:
+        b = self.template
+        return (embeds, b.attention_mask, b.positions, b.visual_start, b.query_idx, b.query_mask, b.last_idx)
+
+
+def export(module: torch.nn.Module, args: tuple, input_names, output_names) -> onnx.ModelProto:
+    """torch.onnx (dynamo) export with iwp's op translation; the result passes onnx.checker."""
+    from .onnx_op import custom_translation_table
+    program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
+                                output_names=list(output_names),
+                                custom_translation_table=custom_translation_table(), verbose=False)
+    model = program.model_proto
+    onnx.checker.check_model(model)
+    return model
