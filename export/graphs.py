@@ -3,6 +3,9 @@
 prefill: input embeddings (text and image merged) [B, T, D], attention mask, positions and the derived
          token positions in; logits [B, T', V], the kept indices of each stage [B, K_s], and each layer's
          present K/V [B, Hkv, T_l, d] out. The selection is one iwp::VisualTokenSelect node per stage.
+decode:  one token's embedding [B, 1, D], its position [B], the step, and every layer's fixed-capacity
+         past K/V [B, Hkv, T_l + max_new, d] with its validity [B, T_l + max_new] in; logits [B, V] and the
+         same caches with slot T_l + step written out. Shapes never change between steps.
 """
 from __future__ import annotations
 
@@ -43,6 +46,30 @@ class PrefillGraph(torch.nn.Module):
     def example_inputs(self, embeds: torch.Tensor) -> tuple:
         b = self.template
         return (embeds, b.attention_mask, b.positions, b.visual_start, b.query_idx, b.query_mask, b.last_idx)
+
+
+class DecodeGraph(torch.nn.Module):
+    def __init__(self, model: PrunedLlavaOnevision, prefill_len: list[int]):
+        super().__init__()
+        self.model, self.prefill_len = model, list(prefill_len)
+
+    def input_names(self) -> list[str]:
+        names = ["inputs_embeds", "position", "step"]
+        for layer in range(self.model.n_layers):
+            names += [f"past.{layer}.key", f"past.{layer}.value", f"past.{layer}.valid"]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for layer in range(self.model.n_layers):
+            names += [f"present.{layer}.key", f"present.{layer}.value", f"present.{layer}.valid"]
+        return names
+
+    def forward(self, inputs_embeds, position, step, *past):
+        keys, values, valid = list(past[0::3]), list(past[1::3]), list(past[2::3])
+        logits, keys, values, valid = self.model.decode_step(inputs_embeds, position, step, self.prefill_len,
+                                                             keys, values, valid)
+        return (logits, *[t for layer in zip(keys, values, valid) for t in layer])
 
 
 def export(module: torch.nn.Module, args: tuple, input_names, output_names) -> onnx.ModelProto:

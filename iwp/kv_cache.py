@@ -35,16 +35,18 @@ class KVCache:
         self.values[layer][:, :, :n] = v
         self.valid[layer][:, :n] = key_mask
 
-    def append(self, layer: int, step: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write one token's k, v [B, Hkv, 1, d] at decode step `step`; return the layer's full (k, v, valid)."""
-        if step >= self.max_new:
+    def check_step(self, step: int) -> None:
+        if not 0 <= step < self.max_new:
             raise ValueError(f"decode step {step} is past the cache's {self.max_new} new-token slots; "
                              f"raise max_new_tokens")
-        slot = self.prefill_len[layer] + step
-        self.keys[layer][:, :, slot] = k[:, :, 0]
-        self.values[layer][:, :, slot] = v[:, :, 0]
-        self.valid[layer][:, slot] = True
-        return self.keys[layer], self.values[layer], self.valid[layer]
+
+
+def write_slot(keys: Tensor, values: Tensor, valid: Tensor, slot: Tensor, k: Tensor, v: Tensor):
+    """Out-of-place write of one token's k, v [B, Hkv, 1, d] at `slot` (a 0-d int64 tensor) of a layer's
+    cache [B, Hkv, S, d] / valid [B, S]. A one-hot `where`, so shapes are static and it exports as is."""
+    hit = torch.arange(keys.shape[2], device=keys.device) == slot                   # [S]
+    return (torch.where(hit[None, None, :, None], k, keys), torch.where(hit[None, None, :, None], v, values),
+            valid | hit[None])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

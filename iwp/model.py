@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .inputs import Batch
-from .kv_cache import KVCache
+from .kv_cache import KVCache, write_slot
 from iwp.plugins.visual_token_select import LayerView, Plan
 from iwp.plugins.visual_token_select.torch_op import select
 from iwp.plugins.visual_token_select.transprune import transition_variation
@@ -147,15 +147,27 @@ class PrunedLlavaOnevision(torch.nn.Module):
         next_position = batch.positions.gather(1, batch.last_idx[:, None]).squeeze(1) + 1
         return Prefill(logits, cache, kept, tuple(tokens_per_layer), next_position)
 
+    def decode_step(self, embeds: Tensor, positions: Tensor, step: Tensor, prefill_len: list[int],
+                    keys: list[Tensor], values: list[Tensor], valid: list[Tensor]):
+        """Functional decode of one token: embeds [B, 1, D], positions [B], step 0-d int64 ->
+        (logits [B, V], keys, values, valid) with slot prefill_len[l] + step of every layer written."""
+        h = embeds
+        keys, values, valid = list(keys), list(values), list(valid)
+        for index, layer in enumerate(self.layers):
+            _, _, v, q_rot, k_rot = self._qkv(layer, h, positions[:, None])
+            keys[index], values[index], valid[index] = write_slot(
+                keys[index], values[index], valid[index], step + prefill_len[index], k_rot, v)
+            h, *_ = self._finish_layer(layer, h, q_rot, keys[index], values[index], valid[index][:, None, None, :])
+        return self.lm_head(self.norm(h))[:, 0], keys, values, valid
+
     @torch.no_grad()
     def decode(self, tokens: Tensor, positions: Tensor, cache: KVCache, step: int) -> Tensor:
         """One token per sample: tokens [B], positions [B] -> logits [B, V]. Writes slot `step` of every layer."""
-        h = self.embed_tokens(tokens)[:, None]                                   # [B, 1, D]
-        for index, layer in enumerate(self.layers):
-            _, _, v, q_rot, k_rot = self._qkv(layer, h, positions[:, None])
-            keys, values, valid = cache.append(index, step, k_rot, v)
-            h, *_ = self._finish_layer(layer, h, q_rot, keys, values, valid[:, None, None, :])
-        return self.lm_head(self.norm(h))[:, 0]
+        cache.check_step(step)
+        logits, cache.keys, cache.values, cache.valid = self.decode_step(
+            self.embed_tokens(tokens)[:, None], positions, torch.tensor(step), cache.prefill_len,
+            cache.keys, cache.values, cache.valid)
+        return logits
 
     @torch.no_grad()
     def generate(self, batch: Batch, method=None, plan: Plan | None = None, max_new_tokens: int = 32,

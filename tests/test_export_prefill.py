@@ -3,6 +3,7 @@ ONNX Runtime: identical kept indices at every stage, logits and present K/V with
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from iwp.demo import demo_image
 from iwp.export.graphs import PREFILL_INPUTS, PrefillGraph, export
@@ -37,3 +38,32 @@ def test_prefill_on_onnxruntime_matches_pytorch(tiny, tiny_model, name, budget):
     for got, want in zip(outputs[1 + n_stages:], reference[1 + n_stages:]):
         assert got.shape == want.shape  # per-layer lengths after pruning
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+@torch.no_grad()
+def test_decode_graph_on_onnxruntime_matches_pytorch_for_eight_steps(tiny, tiny_model):
+    from iwp.export.graphs import DecodeGraph
+    batch = make_batch(tiny, demo_image(4), "Where is the square?")
+    method = make_method("iwp")
+    plan = method.plan(tiny_model.n_layers, batch.n_visual, 32)
+    steps = 8
+    pre = tiny_model.prefill(tiny_model.embed(batch), batch, method, plan, max_new_tokens=steps)
+    graph = DecodeGraph(tiny_model, pre.cache.prefill_len)
+    token = pre.logits[:, -1].argmax(-1)
+    past = [t for layer in zip(pre.cache.keys, pre.cache.values, pre.cache.valid) for t in layer]
+    embeds = tiny_model.embed_tokens(token)[:, None]
+    args = (embeds, pre.next_position, torch.tensor(0), *past)
+    model = export(graph, args, graph.input_names(), graph.output_names())
+    sess = session(model)
+    feeds_past = [t.numpy() for t in past]
+    for step in range(steps):
+        embeds = tiny_model.embed_tokens(token)[:, None]
+        position = pre.next_position + step
+        want = tiny_model.decode(token, position, pre.cache, step)         # PyTorch, in place on pre.cache
+        got, *feeds_past = sess.run(None, dict(zip(graph.input_names(), [
+            embeds.numpy(), position.numpy(), np.array(step, dtype=np.int64), *feeds_past])))
+        np.testing.assert_allclose(got, want.numpy(), atol=TOL, rtol=0)
+        assert int(got.argmax(-1)[0]) == int(want.argmax(-1)[0])
+        token = want.argmax(-1)
+    valid = feeds_past[2]
+    assert valid.sum() == pre.cache.valid[0].sum() and valid.shape == tuple(pre.cache.valid[0].shape)
