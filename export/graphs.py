@@ -1,5 +1,8 @@
 """The exportable graphs of an engine, as torch modules with static shapes.
 
+vision:  pixel_values [B, crops, 3, H, W] for the build's fixed grid in; image features [B, N, D] out, with
+         HF's anyres packing (unpad and newline tokens), exactly what HF would merge into the prompt.
+embed:   token ids [B, T] in; embeddings [B, T, D] out. The table lives in this graph only.
 prefill: input embeddings (text and image merged) [B, T, D], attention mask, positions and the derived
          token positions in; logits [B, T', V], the kept indices of each stage [B, K_s], and each layer's
          present K/V [B, Hkv, T_l, d] out. The selection is one iwp::VisualTokenSelect node per stage.
@@ -19,6 +22,29 @@ from iwp.model import PrunedLlavaOnevision
 
 PREFILL_INPUTS = ("inputs_embeds", "attention_mask", "positions", "visual_start", "query_idx", "query_mask",
                   "last_idx")
+
+
+class VisionGraph(torch.nn.Module):
+    def __init__(self, model: PrunedLlavaOnevision, image_size: tuple[int, int]):
+        super().__init__()
+        self.model, self.image_size = model, list(image_size)   # a constant: the crop grid is fixed
+
+    def forward(self, pixel_values):
+        hf, cfg = self.model.hf.model, self.model.hf.config
+        b = pixel_values.shape[0]
+        feats = hf.get_image_features(
+            pixel_values, [self.image_size] * b, vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True).pooler_output
+        return torch.stack(list(feats))                                       # [B, N, D]
+
+
+class EmbedGraph(torch.nn.Module):
+    def __init__(self, model: PrunedLlavaOnevision):
+        super().__init__()
+        self.embed_tokens = model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
 
 
 class PrefillGraph(torch.nn.Module):

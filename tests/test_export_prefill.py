@@ -67,3 +67,21 @@ def test_decode_graph_on_onnxruntime_matches_pytorch_for_eight_steps(tiny, tiny_
         token = want.argmax(-1)
     valid = feeds_past[2]
     assert valid.sum() == pre.cache.valid[0].sum() and valid.shape == tuple(pre.cache.valid[0].shape)
+
+
+@torch.no_grad()
+def test_vision_and_embed_graphs_match_hf(tiny, tiny_model):
+    from iwp.export.graphs import EmbedGraph, VisionGraph
+    batch = make_batch(tiny, [demo_image(1), demo_image(2)], ["a", "b"])
+    vision = VisionGraph(tiny_model, tiny.resolution)
+    model = export(vision, (batch.pixel_values,), ["pixel_values"], ["image_features"])
+    (features,) = session(model).run(None, {"pixel_values": batch.pixel_values.numpy()})
+    assert features.shape == (2, batch.n_visual, tiny.model.config.text_config.hidden_size)
+    merged = tiny_model.embed(batch)  # HF's own image features, merged at the image tokens
+    for i in range(2):
+        start = int(batch.visual_start[i])
+        np.testing.assert_allclose(features[i], merged[i, start:start + batch.n_visual].numpy(), atol=TOL, rtol=0)
+    embed = export(EmbedGraph(tiny_model), (batch.input_ids,), ["input_ids"], ["inputs_embeds"])
+    (embeds,) = session(embed).run(None, {"input_ids": batch.input_ids.numpy()})
+    text = (batch.input_ids != tiny.processor.image_token_id).numpy()
+    np.testing.assert_array_equal(embeds[text], merged.numpy()[text])
