@@ -11,11 +11,14 @@ PROMPT  ?= What is in the image?
 IMAGE   ?=
 MODEL_PATH ?=
 RANDOM_WEIGHTS ?= 0
+SELECT  ?= plugin
+DTYPE   ?= fp32
 
 ENGINE_ARGS := --model $(MODEL) --method $(METHOD) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID)) \
 	$(if $(IMAGE),--image "$(IMAGE)") --prompt "$(PROMPT)" \
-	$(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") $(if $(filter 1,$(RANDOM_WEIGHTS)),--random-weights)
+	$(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") $(if $(filter 1,$(RANDOM_WEIGHTS)),--random-weights) \
+	--select $(SELECT) --dtype $(DTYPE)
 
 .PHONY: engine test test-slow compare bench-select clean
 

@@ -2,10 +2,12 @@
 
 vision:  pixel_values [B, crops, 3, H, W] for the build's fixed grid in; image features [B, N, D] out, with
          HF's anyres packing (unpad and newline tokens), exactly what HF would merge into the prompt.
-embed:   token ids [B, T] in; embeddings [B, T, D] out. The table lives in this graph only.
+embed:   token ids [B, T] in (T dynamic: the prompt, then one token per decode step); embeddings [B, T, D]
+         out. The table lives in this graph only.
 prefill: input embeddings (text and image merged) [B, T, D], attention mask, positions and the derived
-         token positions in; logits [B, T', V], the kept indices of each stage [B, K_s], and each layer's
-         present K/V [B, Hkv, T_l, d] out. The selection is one iwp::VisualTokenSelect node per stage.
+         token positions in; the last token's logits [B, 1, V], the kept indices of each stage [B, K_s], and
+         each layer's present K/V [B, Hkv, T_l + max_new, d] with validity [B, T_l + max_new] out, already
+         laid out as the decode graph's past. The selection is one iwp::VisualTokenSelect node per stage.
 decode:  one token's embedding [B, 1, D], its position [B], the step, and every layer's fixed-capacity
          past K/V [B, Hkv, T_l + max_new, d] with its validity [B, T_l + max_new] in; logits [B, V] and the
          same caches with slot T_l + step written out. Shapes never change between steps.
@@ -48,25 +50,27 @@ class EmbedGraph(torch.nn.Module):
 
 
 class PrefillGraph(torch.nn.Module):
-    def __init__(self, model: PrunedLlavaOnevision, template: Batch, method, plan):
+    def __init__(self, model: PrunedLlavaOnevision, template: Batch, method, plan, max_new_tokens: int = 0):
         super().__init__()
         self.model, self.template, self.method, self.plan = model, template, method, plan
+        self.max_new_tokens = max_new_tokens
         self.register_buffer("visual_xy", template.visual_xy.clone())   # fixed by the crop grid
 
     def output_names(self) -> list[str]:
         names = ["logits"] + [f"kept.{s}" for s in range(len(self.plan.stages) if self.method else 0)]
         for layer in range(self.model.n_layers):
-            names += [f"present.{layer}.key", f"present.{layer}.value"]
+            names += [f"present.{layer}.key", f"present.{layer}.value", f"present.{layer}.valid"]
         return names
 
     def forward(self, inputs_embeds, attention_mask, positions, visual_start, query_idx, query_mask, last_idx):
         batch = dataclasses.replace(self.template, attention_mask=attention_mask, positions=positions,
                                     visual_start=visual_start, query_idx=query_idx, query_mask=query_mask,
                                     last_idx=last_idx, visual_xy=self.visual_xy)
-        pre = self.model.prefill(inputs_embeds, batch, self.method, self.plan)
+        pre = self.model.prefill(inputs_embeds, batch, self.method, self.plan, self.max_new_tokens,
+                                 last_logits_only=True)
         outputs = [pre.logits, *pre.kept]
-        for key, value in zip(pre.cache.keys, pre.cache.values):
-            outputs += [key, value]
+        for key, value, valid in zip(pre.cache.keys, pre.cache.values, pre.cache.valid):
+            outputs += [key, value, valid]
         return tuple(outputs)
 
     def example_inputs(self, embeds: torch.Tensor) -> tuple:
@@ -98,11 +102,12 @@ class DecodeGraph(torch.nn.Module):
         return (logits, *[t for layer in zip(keys, values, valid) for t in layer])
 
 
-def export(module: torch.nn.Module, args: tuple, input_names, output_names) -> onnx.ModelProto:
+def export(module: torch.nn.Module, args: tuple, input_names, output_names,
+           dynamic_shapes=None) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with iwp's op translation; the result passes onnx.checker."""
     from .onnx_op import custom_translation_table
     program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
-                                output_names=list(output_names),
+                                output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                                 custom_translation_table=custom_translation_table(), verbose=False)
     model = program.model_proto
     onnx.checker.check_model(model)

@@ -1,6 +1,7 @@
 """The `iwp` command line. Each Makefile target calls one subcommand; errors are one line on stderr, exit 2.
 
-    iwp engine        run the pruned model on an image: what it kept, the FLOPs saved, the answer
+    iwp engine        build an engine directory (ONNX graphs + manifest), then one smoke generation
+    iwp run           generate from an engine directory, streaming tokens
     iwp compare       fidelity table of several methods against the unpruned model
     iwp calibrate     BTP stage layers from adjacent-layer hidden-state change
     iwp ablate        IWP's open choices, one at a time around the defaults
@@ -73,37 +74,57 @@ def _load(args):
 
 
 def cmd_engine(args) -> None:
-    from .flops import describe_counts, model_dims, prefill_flops
-    from .inputs import make_batch
-    from iwp.plugins.visual_token_select import make_method
+    """Build the engine directory, then one smoke generation through it, and a short summary."""
+    from pathlib import Path
 
-    loaded, model = _load(args)
-    budget = args.budget or loaded.spec.budget
-    image = args.image or demo_image(0, loaded.resolution[::-1])
-    batch = make_batch(loaded, image, args.prompt)
-    n = batch.n_visual
-    method, plan = None, None
+    from iwp.export.engine import EngineSpec, build
+    from iwp.runtime.pipeline import Pipeline
+    from .zoo import get_spec
+
+    spec = get_spec(args.model, args.grid)
+    if args.image:
+        from .inputs import load_image
+        load_image(args.image)  # an unreadable image fails now, not after the export
+    options = _method_options(spec, args.method, parse_options(args.option)) if args.method != "none" else {}
     if args.method != "none":
-        method = make_method(args.method, **_method_options(loaded.spec, args.method, parse_options(args.option)))
-        plan = method.plan(model.n_layers, n, budget)
-    tokenizer = loaded.processor.tokenizer
+        from iwp.plugins.visual_token_select import make_method
+        make_method(args.method, **options)  # bad methods and options fail before any work
+    engine = EngineSpec(args.model, args.method, args.budget or spec.budget, args.grid, args.max_text_tokens,
+                        args.max_new_tokens, args.dtype, args.select, args.model_path, args.random_weights,
+                        tuple(sorted(options.items())))
     start = time.perf_counter()
-    tokens, pre = model.generate(batch, method, plan, args.max_new_tokens, tokenizer.eos_token_id)
+    directory = build(engine, Path(args.out), progress=lambda line: print(line, flush=True))
+    built = time.perf_counter() - start
+    pipeline = Pipeline.from_engine(directory)
+    m, method = pipeline.manifest, pipeline.manifest["method"]
+    image = args.image or demo_image(0, tuple(m["model"]["resolution"][::-1]))
+    start = time.perf_counter()
+    tokens, kept = pipeline.generate_ids(image, args.prompt)
     elapsed = time.perf_counter() - start
-    d, m = model_dims(loaded.model)
-    full = prefill_flops((n,) * model.n_layers, d, m)
-    pruned = prefill_flops(pre.tokens_per_layer, d, m)
-    print(f"model     {loaded.spec.name} ({loaded.source}), grid {loaded.spec.grid_name}, N={n} visual tokens, "
-          f"prompt {batch.input_ids.shape[1]} tokens")
-    print(f"method    {args.method}" + (f" {method.config}" if method else ""))
-    for (layer, keep), kept in zip(plan.stages if plan else (), pre.kept):
-        shown = kept[0].tolist()
+    size = sum(p.stat().st_size for p in Path(directory).iterdir())
+    n = m["model"]["n_visual"]
+    print(f"engine    {directory} ({size / 1e6:.1f} MB, {built:.1f}s)")
+    print(f"model     {m['model']['name']} ({m['model']['source']}), grid {m['model']['grid']}, N={n} visual tokens, "
+          f"prompt capacity {m['shapes']['max_prompt']} tokens, {m['shapes']['max_new_tokens']} new")
+    print(f"method    {method['name']} {method['config']}")
+    for (layer, keep), indices in zip(method["stages"], kept):
+        shown = indices[0].tolist()
         print(f"kept      layer {layer}: {keep}/{n} visual tokens: {shown[:16]}{' ...' if len(shown) > 16 else ''}")
-    print(f"tokens    per layer {describe_counts(pre.tokens_per_layer)}")
-    print(f"flops     prefill over visual tokens {pruned / 1e9:.3f} of {full / 1e9:.3f} GFLOPs "
-          f"({1 - pruned / full:.1%} saved)")
-    print(f"answer    {tokenizer.decode(tokens[0], skip_special_tokens=True)!r}  "
-          f"({tokens.shape[1]} tokens in {elapsed:.2f}s)")
+    from .flops import describe_counts
+    print(f"tokens    per layer {describe_counts(method['tokens_per_layer'])}")
+    f = m["flops"]
+    print(f"flops     prefill over visual tokens {f['pruned'] / 1e9:.3f} of {f['unpruned'] / 1e9:.3f} GFLOPs "
+          f"({1 - f['ratio']:.1%} saved)")
+    answer = pipeline.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    print(f"answer    {answer!r}  ({len(tokens)} tokens in {elapsed:.2f}s, ONNX Runtime)")
+
+
+def cmd_run(args) -> None:
+    from iwp.runtime.pipeline import Pipeline
+    pipeline = Pipeline.from_engine(args.engine, budget=args.budget)
+    pipeline.generate(args.image, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                      on_text=lambda text: print(text, end="", flush=True))
+    print()
 
 
 def cmd_compare(args) -> None:
@@ -157,14 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iwp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("engine", help="run the pruned model and report what it kept")
+    p = sub.add_parser("engine", help="build an engine directory and smoke-test it")
     _model_args(p)
     p.add_argument("--method", default="iwp", help="iwp, btp, transprune, fastv, dart, divprune, random, none")
     p.add_argument("--option", action="append", default=[], help="method option name=value, repeatable")
-    p.add_argument("--image", default=None, help="image path (default: a synthetic demo scene)")
+    p.add_argument("--image", default=None, help="smoke-test image (default: a synthetic demo scene)")
     p.add_argument("--prompt", default="What is in the image?")
-    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--max-text-tokens", type=positive_int, default=128, help="prompt tokens beside the image")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--select", default="plugin", choices=["plugin", "native"])
+    p.add_argument("--out", default="engines", help="directory that holds engine directories")
     p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("run", help="generate from an engine directory, streaming tokens")
+    p.add_argument("--engine", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--budget", type=positive_int, default=None, help="refuse an engine built for another budget")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="fidelity of methods against unpruned")
     _model_args(p)

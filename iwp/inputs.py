@@ -117,3 +117,21 @@ def make_batch(loaded: Loaded, images, prompts, system: str | list[str | None] |
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     return Batch(ids, mask, positions, enc["pixel_values"], enc["image_sizes"], start, n,
                  query_idx, query_mask, torch.full((ids.shape[0],), t - 1), visual_grid_xy(loaded))
+
+
+def pad_to_length(batch: Batch, length: int, pad_token_id: int) -> Batch:
+    """Left-pad a batch to `length` tokens (an engine's fixed prompt length); Q becomes length - N."""
+    t = batch.input_ids.shape[1]
+    if t > length:
+        raise ValueError(f"prompt is {t} tokens (with {batch.n_visual} image tokens) but the engine's capacity is "
+                         f"{length}; shorten the prompt or rebuild the engine with a larger max prompt")
+    pad = length - t
+    b = batch.input_ids.shape[0]
+    ids = torch.cat([torch.full((b, pad), pad_token_id, dtype=batch.input_ids.dtype), batch.input_ids], 1)
+    mask = torch.cat([torch.zeros(b, pad, dtype=batch.attention_mask.dtype), batch.attention_mask], 1)
+    q = length - batch.n_visual
+    after = batch.visual_start + pad + batch.n_visual
+    query = after[:, None] + torch.arange(q)[None]
+    return Batch(ids, mask, (mask.long().cumsum(1) - 1).clamp(min=0), batch.pixel_values, batch.image_sizes,
+                 batch.visual_start + pad, batch.n_visual, query.clamp(max=length - 1), query < length,
+                 torch.full((b,), length - 1), batch.visual_xy)

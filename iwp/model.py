@@ -101,7 +101,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
 
     @torch.no_grad()
     def prefill(self, embeds: Tensor, batch: Batch, method=None, plan: Plan | None = None,
-                max_new_tokens: int = 0) -> Prefill:
+                max_new_tokens: int = 0, last_logits_only: bool = False) -> Prefill:
         b, t, _ = embeds.shape
         n = batch.n_visual
         stages = dict(plan.stages) if method is not None else {}
@@ -143,7 +143,8 @@ class PrunedLlavaOnevision(torch.nn.Module):
                 idx = visual_start[:, None] + torch.arange(original.shape[1], device=h.device)[None]
                 ttv = ttv + transition_variation(_take(h_in, idx), _take(attn_out, idx))
                 ttv = ttv + transition_variation(_take(h_mid, idx), _take(mlp_out, idx))
-        logits = self.lm_head(self.norm(h))
+        # left padding puts every sample's last token at the end; an engine needs only its logits
+        logits = self.lm_head(self.norm(h[:, -1:] if last_logits_only else h))
         next_position = batch.positions.gather(1, batch.last_idx[:, None]).squeeze(1) + 1
         return Prefill(logits, cache, kept, tuple(tokens_per_layer), next_position)
 

@@ -15,19 +15,28 @@ def run(capsys, *argv):
     return exit_info.value.code, out.out, out.err
 
 
-def test_engine_reports_kept_tokens_flops_and_answer(capsys):
-    code, out, _ = run(capsys, "engine", "--model", "tiny-llava-ov", "--budget", "48", "--max-new-tokens", "4")
+def test_engine_builds_and_reports_kept_tokens_flops_and_answer(capsys, tmp_path):
+    code, out, _ = run(capsys, "engine", "--model", "tiny-llava-ov", "--budget", "48", "--max-new-tokens", "4",
+                       "--option", "queries=last", "--out", str(tmp_path))
     assert code == 0
+    assert (tmp_path / "tiny-llava-ov-iwp-b48-2x2" / "manifest.json").is_file()
     assert "kept      layer 2: 48/336 visual tokens" in out
     assert "tokens    per layer 336x2 48x6" in out
-    assert "saved)" in out and "answer" in out
+    assert "'queries': 'last'" in out
+    assert "saved)" in out and "ONNX Runtime" in out
+    code, out, _ = run(capsys, "run", "--engine", str(tmp_path / "tiny-llava-ov-iwp-b48-2x2"),
+                       "--image", str(_png(tmp_path)), "--prompt", "What is here?", "--max-new-tokens", "3")
+    assert code == 0
+    code, _, err = run(capsys, "run", "--engine", str(tmp_path / "tiny-llava-ov-iwp-b48-2x2"),
+                       "--image", str(_png(tmp_path)), "--prompt", "x", "--budget", "64")
+    assert code == 2 and "built for budget 48, not 64" in err
 
 
-def test_engine_method_none_and_options(capsys):
-    code, out, _ = run(capsys, "engine", "--method", "none", "--max-new-tokens", "2")
-    assert code == 0 and "336x8" in out and "(0.0% saved)" in out
-    code, out, _ = run(capsys, "engine", "--option", "lam=1.0", "--option", "queries=last", "--max-new-tokens", "2")
-    assert code == 0 and "lam=1.0" in out and "queries='last'" in out
+def _png(tmp_path):
+    from iwp.demo import demo_image
+    path = tmp_path / "scene.png"
+    demo_image(1).save(path)
+    return path
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -40,8 +49,8 @@ def test_engine_method_none_and_options(capsys):
     (["--option", "nonsense"], "name=value"),
     (["--image", "/nonexistent.png"], "does not exist"),
 ])
-def test_engine_bad_input_is_one_line(capsys, argv, words):
-    code, _, err = run(capsys, "engine", *argv)
+def test_engine_bad_input_is_one_line(capsys, argv, words, tmp_path):
+    code, _, err = run(capsys, "engine", "--out", str(tmp_path), *argv)
     assert code == 2
     assert words in err
     assert len(err.strip().splitlines()) == 1 or "usage" in err  # argparse prints usage + one error line

@@ -1,0 +1,220 @@
+"""Build an engine directory: four ONNX graphs, the processor files and manifest.json.
+
+    engines/<model>-<method>-b<budget>-<grid>/
+        embed.onnx vision.onnx prefill.onnx decode.onnx
+        tokenizer files, preprocessor_config.json, chat_template.jinja, processor_config.json
+        manifest.json   (the resolved config; the runtime reads everything from here)
+
+Writes are atomic: the directory is built under a temporary name beside the target and renamed into place
+last, so an interrupted export leaves nothing that looks valid. A rebuild with the same inputs (same
+`inputs_hash`, intact files) is skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+FORMAT = 1
+GRAPHS = ("embed", "vision", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model: str
+    method: str                    # a method name or "none"
+    budget: int | None
+    grid: str | None = None
+    max_text_tokens: int = 128     # prompt tokens beside the image; fixes the prefill length
+    max_new_tokens: int = 32
+    dtype: str = "fp32"
+    select: str = "plugin"
+    model_path: str | None = None
+    random_weights: bool = False
+    options: tuple = ()            # method options as sorted (name, value) pairs
+
+    def __post_init__(self):
+        if self.max_text_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError("max_text_tokens and max_new_tokens must be >= 1")
+        if self.dtype != "fp32":
+            raise ValueError(f"DTYPE={self.dtype} is not built yet; use DTYPE=fp32")
+        if self.select != "plugin":
+            raise ValueError(f"SELECT={self.select} is not built yet; use SELECT=plugin")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def engine_name(spec: EngineSpec, grid_name: str) -> str:
+    budget = f"-b{spec.budget}" if spec.method != "none" else ""
+    return f"{spec.model}-{spec.method}{budget}-{grid_name}"
+
+
+def _tool_versions() -> dict:
+    import onnxruntime
+    import transformers
+    from importlib.metadata import version
+    return {"iwp": version("iwp"), "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def inputs_hash(spec: EngineSpec, source: str) -> str:
+    """What the engine is a function of: the spec, the weights' identity and iwp's version."""
+    from importlib.metadata import version
+    key = json.dumps({"spec": dataclasses.asdict(spec), "source": source, "iwp": version("iwp"),
+                      "format": FORMAT}, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _weights_identity(loaded) -> str:
+    if loaded.source.startswith(("seed:", "random:")):
+        return loaded.source
+    path = Path(loaded.source)  # a checkpoint directory: its config and weight index/file sizes
+    parts = [(p.name, p.stat().st_size) for p in sorted(path.glob("*.safetensors*")) + [path / "config.json"]]
+    return json.dumps([loaded.source, parts])
+
+
+def is_current(directory: Path, expected_hash: str) -> bool:
+    """An existing engine that was built from the same inputs and whose files are intact."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if manifest.get("inputs_hash") != expected_hash:
+        return False
+    return all((directory / name).is_file() and sha256(directory / name) == digest
+               for name, digest in manifest.get("files", {}).items())
+
+
+def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) -> Path:
+    from iwp.flops import model_dims, prefill_flops
+    from iwp.inputs import make_batch, pad_to_length
+    from iwp.model import PrunedLlavaOnevision
+    from iwp.demo import demo_image
+    from iwp.plugins.visual_token_select import make_method
+    from iwp.plugins.visual_token_select.contract import node_attributes
+    from iwp.zoo import load
+
+    from .graphs import DecodeGraph, EmbedGraph, PREFILL_INPUTS, PrefillGraph, VisionGraph, export
+
+    loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights)
+    target = out_root / engine_name(spec, loaded.spec.grid_name)
+    expected = inputs_hash(spec, _weights_identity(loaded))
+    if is_current(target, expected):
+        progress(f"engine {target} is up to date (same inputs, intact files); reusing it")
+        return target
+
+    model = PrunedLlavaOnevision(loaded.model)
+    n = loaded.n_visual
+    budget = spec.budget or loaded.spec.budget
+    method = None if spec.method == "none" else make_method(spec.method, **dict(spec.options))
+    plan = method.plan(model.n_layers, n, budget) if method else None
+    tokens_per_layer = plan.tokens_per_layer if plan else (n,) * model.n_layers
+    tokenizer = loaded.processor.tokenizer
+    length = n + spec.max_text_tokens
+    batch = pad_to_length(make_batch(loaded, demo_image(0, loaded.resolution[::-1]), "Describe the image."),
+                          length, tokenizer.pad_token_id)
+    prefill_len = [length - n + k for k in tokens_per_layer]
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=out_root))
+    try:
+        with torch.no_grad():
+            embeds = model.embed(batch)
+            prefill = PrefillGraph(model, batch, method, plan, spec.max_new_tokens)
+            pre = model.prefill(embeds, batch, method, plan, spec.max_new_tokens)
+            decode = DecodeGraph(model, prefill_len)
+            past = [t for layer in zip(pre.cache.keys, pre.cache.values, pre.cache.valid) for t in layer]
+            tokens = torch.export.Dim("tokens", min=1, max=length)
+            jobs = {
+                "embed": (EmbedGraph(model), (batch.input_ids,), ["input_ids"], ["inputs_embeds"],
+                          {"input_ids": {1: tokens}}),
+                "vision": (VisionGraph(model, loaded.resolution), (batch.pixel_values,), ["pixel_values"],
+                           ["image_features"], None),
+                "prefill": (prefill, prefill.example_inputs(embeds), PREFILL_INPUTS, prefill.output_names(), None),
+                "decode": (decode, (embeds[:, :1], pre.next_position, torch.tensor(0), *past),
+                           decode.input_names(), decode.output_names(), None),
+            }
+            for name in GRAPHS:
+                progress(f"exporting {name} graph ...")
+                module, args, inputs, outputs, dynamic = jobs[name]
+                graph = export(module, args, inputs, outputs, dynamic)
+                onnx.save(graph, staging / f"{name}.onnx", save_as_external_data=graph.ByteSize() > 1_800_000_000)
+        _save_processor(loaded.processor, staging)
+        d, m = model_dims(loaded.model)
+        full = prefill_flops((n,) * model.n_layers, d, m)
+        cfg = loaded.model.config.text_config
+        manifest = {
+            "format": FORMAT,
+            "inputs_hash": expected,
+            "model": {"name": loaded.spec.name, "hf_id": loaded.spec.hf_id, "source": loaded.source,
+                      "grid": loaded.spec.grid_name, "resolution": list(loaded.resolution), "n_visual": n,
+                      "n_layers": model.n_layers, "hidden_size": d, "n_kv_heads": model.n_kv,
+                      "head_dim": model.head_dim, "vocab_size": cfg.vocab_size},
+            "method": {"name": spec.method, "budget": budget if method else n,
+                       "config": dataclasses.asdict(method.config) if method else {},
+                       "stages": [list(s) for s in plan.stages] if plan else [],
+                       "nodes": [node_attributes(method, k, layer, i, len(plan.stages))
+                                 for i, (layer, k) in enumerate(plan.stages)] if plan else [],
+                       "tokens_per_layer": list(tokens_per_layer)},
+            "flops": {"formula": "4nd^2 + 2n^2d + 3ndm per layer over visual tokens", "unpruned": full,
+                      "pruned": prefill_flops(tokens_per_layer, d, m),
+                      "ratio": prefill_flops(tokens_per_layer, d, m) / full},
+            "shapes": {"batch": 1, "max_prompt": length, "max_text_tokens": spec.max_text_tokens,
+                       "max_new_tokens": spec.max_new_tokens, "prefill_len": prefill_len,
+                       "cache_len": [p + spec.max_new_tokens for p in prefill_len]},
+            "dtype": spec.dtype, "select": spec.select,
+            "tokens": {"image": loaded.processor.image_token_id, "eos": tokenizer.eos_token_id,
+                       "pad": tokenizer.pad_token_id},
+            "tools": _tool_versions(),
+            "files": {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
+            "spec": dataclasses.asdict(spec),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _save_processor(processor, directory: Path) -> None:
+    processor.tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(processor.chat_template)
+    (directory / "processor_config.json").write_text(json.dumps({
+        "num_image_tokens": processor.num_image_tokens,
+        "vision_feature_select_strategy": processor.vision_feature_select_strategy,
+        "vision_aspect_ratio": processor.vision_aspect_ratio}))
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move a finished engine into place. A concurrent builder that finishes first wins; its engine is
+    equivalent (same inputs), so ours is dropped rather than swapped in under a reader."""
+    try:
+        os.rename(staging, target)  # atomic; fails if target exists and is not empty
+    except OSError:
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:
+            old = None
+        try:
+            os.rename(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

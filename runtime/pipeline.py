@@ -1,0 +1,167 @@
+"""The ONNX Runtime backend: embed + vision -> prefill (selection inside) -> decode loop, from an engine
+directory. `Pipeline.from_engine(DIR).generate(image, prompt)`.
+
+Everything about the engine (shapes, method, token ids) is read from its manifest.json. Every problem with
+the directory is one line saying what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from iwp.export.engine import FORMAT, GRAPHS, sha256
+
+REBUILD = "rebuild it with `make engine`"
+
+
+def _error(directory: Path, what: str) -> ValueError:
+    return ValueError(f"engine {directory}: {what}; {REBUILD}")
+
+
+def read_manifest(directory: Path, verify_files: bool = True) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"engine {directory} does not exist; build it with `make engine` or pass --engine DIR")
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise _error(directory, "has no manifest.json (an interrupted or foreign build)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _error(directory, "manifest.json is corrupt") from None
+    if manifest.get("format") != FORMAT:
+        raise _error(directory, f"manifest format {manifest.get('format')!r} is not this iwp's format {FORMAT}")
+    for name in GRAPHS:
+        if not (directory / f"{name}.onnx").is_file():
+            raise _error(directory, f"{name}.onnx is missing")
+    if verify_files:
+        for name, digest in manifest.get("files", {}).items():
+            path = directory / name
+            if not path.is_file() or sha256(path) != digest:
+                raise _error(directory, f"{name} does not match the hash in manifest.json (corrupt or edited)")
+    return manifest
+
+
+@dataclass
+class Sampler:
+    """Greedy at temperature 0; otherwise temperature then top-p (nucleus), from a seeded generator."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        keep = np.cumsum(p[order]) - p[order] < self.top_p   # the smallest prefix reaching top_p
+        p_kept = p[order][keep] / p[order][keep].sum()
+        return int(order[keep][self.rng.choice(len(p_kept), p=p_kept)])
+
+
+class Pipeline:
+    def __init__(self, directory: Path, manifest: dict, processor, sessions: dict):
+        self.directory, self.manifest, self.processor, self.sessions = directory, manifest, processor, sessions
+
+    @classmethod
+    def from_engine(cls, directory, budget: int | None = None, providers: list[str] | None = None) -> "Pipeline":
+        from iwp.processor import processor_from_checkpoint
+        from .ort_ops import session
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        built = manifest["method"]["budget"]
+        if budget is not None and budget != built:
+            raise ValueError(f"engine {directory} was built for budget {built}, not {budget}; "
+                             f"run `make engine BUDGET={budget}` or use the engine built for it")
+        try:
+            import onnxruntime
+            available = onnxruntime.get_available_providers()
+            providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            sessions = {name: session(onnx.load(directory / f"{name}.onnx"), providers) for name in GRAPHS}
+        except Exception as err:  # onnx/ORT raise many types for a damaged graph
+            raise _error(directory, f"a graph does not load ({type(err).__name__}: {str(err).splitlines()[0]})")
+        return cls(directory, manifest, processor_from_checkpoint(directory), sessions)
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.manifest["shapes"]["max_new_tokens"]
+
+    def _prepare(self, image, prompt: str):
+        """Processor inputs for one image and prompt, left-padded to the engine's fixed prompt length."""
+        import torch
+        from iwp.inputs import Batch, load_image, pad_to_length
+        m = self.manifest["model"]
+        height, width = m["resolution"]
+        image = load_image(image).resize((width, height))
+        text = self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True)
+        if text.count(self.processor.image_token) != 1:
+            raise ValueError(f"the prompt holds {self.processor.image_token}; remove it (one image per prompt)")
+        enc = self.processor(images=[image], text=[text], return_tensors="pt")
+        ids, n = enc["input_ids"], m["n_visual"]
+        is_image = ids[0] == self.processor.image_token_id
+        if int(is_image.sum()) != n:
+            raise ValueError(f"engine {self.directory}: the processor gives {int(is_image.sum())} image tokens but "
+                             f"the engine expects {n}; {REBUILD}")
+        t, start = ids.shape[1], int(is_image.int().argmax())
+        # positions and queries are recomputed by pad_to_length; only the image block's start matters here
+        batch = Batch(ids, enc["attention_mask"], None, enc["pixel_values"], enc["image_sizes"],
+                      torch.tensor([start]), n, None, None, torch.tensor([t - 1]), None)
+        return pad_to_length(batch, self.manifest["shapes"]["max_prompt"], self.manifest["tokens"]["pad"])
+
+    def generate_ids(self, image, prompt: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
+                     on_token: Callable[[int], None] | None = None) -> tuple[list[int], list[np.ndarray]]:
+        """Token ids (stopping at EOS or max_new_tokens) and each stage's kept indices."""
+        steps = max_new_tokens or self.max_new_tokens
+        if not 1 <= steps <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be in 1..{self.max_new_tokens} for this engine, got {steps}")
+        sampler = sampler or Sampler()
+        batch = self._prepare(image, prompt)
+        s = self.sessions
+        (embeds,) = s["embed"].run(None, {"input_ids": batch.input_ids.numpy()})
+        (features,) = s["vision"].run(None, {"pixel_values": batch.pixel_values.numpy()})
+        start, n = int(batch.visual_start[0]), batch.n_visual
+        embeds[0, start:start + n] = features[0]
+        feeds = {"inputs_embeds": embeds, "attention_mask": batch.attention_mask.numpy(),
+                 "positions": batch.positions.numpy(), "visual_start": batch.visual_start.numpy(),
+                 "query_idx": batch.query_idx.numpy(), "query_mask": batch.query_mask.numpy(),
+                 "last_idx": batch.last_idx.numpy()}
+        logits, *rest = s["prefill"].run(None, feeds)
+        n_stages = len(self.manifest["method"]["stages"])
+        kept, past = rest[:n_stages], rest[n_stages:]
+        eos = self.manifest["tokens"]["eos"]
+        position = np.array([int(batch.positions[0, -1]) + 1])
+        tokens = [sampler(logits[0, -1])]
+        names = [i.name for i in s["decode"].get_inputs()]
+        for step in range(steps - 1):
+            if on_token:
+                on_token(tokens[-1])
+            if tokens[-1] == eos:
+                break
+            (token_embed,) = s["embed"].run(None, {"input_ids": np.array([[tokens[-1]]])})
+            logits, *past = s["decode"].run(None, dict(zip(names, [token_embed, position + step,
+                                                                   np.array(step, dtype=np.int64), *past])))
+            tokens.append(sampler(logits[0]))
+        else:
+            if on_token:
+                on_token(tokens[-1])
+        return tokens, kept
+
+    def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None) -> str:
+        tokenizer = self.processor.tokenizer
+        callback = (lambda token: on_text(tokenizer.decode([token], skip_special_tokens=True))) if on_text else None
+        ids, _ = self.generate_ids(image, prompt, max_new_tokens, Sampler(temperature, top_p, seed), callback)
+        return tokenizer.decode(ids, skip_special_tokens=True)

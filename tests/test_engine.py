@@ -1,0 +1,123 @@
+"""Engine directories and the ONNX Runtime pipeline: parity with the PyTorch reference, atomic and cached
+builds, and one-line errors for a damaged or mismatched engine."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from iwp.demo import demo_image
+from iwp.export.engine import EngineSpec, build
+from iwp.inputs import make_batch
+from iwp.plugins.visual_token_select import make_method
+from iwp.runtime.pipeline import Pipeline, Sampler, read_manifest
+
+SPEC = EngineSpec("tiny-llava-ov", "iwp", 64, max_text_tokens=96, max_new_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build(SPEC, tmp_path_factory.mktemp("engines"), progress=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def pipeline(built):
+    return Pipeline.from_engine(built)
+
+
+def test_greedy_32_tokens_and_kept_indices_match_pytorch(pipeline, tiny, tiny_model):
+    prompt = "What colour is the circle?"
+    ids, kept = pipeline.generate_ids(demo_image(5), prompt, 32)
+    batch = make_batch(tiny, demo_image(5), prompt)
+    method = make_method("iwp")
+    plan = method.plan(tiny_model.n_layers, batch.n_visual, 64)
+    reference, pre = tiny_model.generate(batch, method, plan, 32, tiny.processor.tokenizer.eos_token_id)
+    assert kept[0].tolist() == pre.kept[0].tolist()
+    assert ids == reference[0].tolist() and len(ids) == 32
+
+
+def test_manifest_records_the_resolved_build(built):
+    manifest = read_manifest(built)
+    assert manifest["method"]["config"]["lam"] == 0.3 and manifest["method"]["stages"] == [[2, 64]]
+    assert manifest["method"]["nodes"][0]["plugin_namespace"] == "iwp"
+    assert manifest["shapes"]["max_prompt"] == 336 + 96
+    assert manifest["shapes"]["prefill_len"][0] == 96 + 336 and manifest["shapes"]["prefill_len"][2] == 96 + 64
+    assert 0 < manifest["flops"]["ratio"] < 1
+    assert set(manifest["files"]) >= {"embed.onnx", "vision.onnx", "prefill.onnx", "decode.onnx"}
+    assert {"torch", "transformers", "onnx", "onnxruntime", "iwp"} <= set(manifest["tools"])
+
+
+def test_rebuild_with_the_same_inputs_is_reused(built):
+    before = {p.name: p.stat().st_mtime_ns for p in built.iterdir()}
+    again = build(SPEC, built.parent, progress=lambda _: None)
+    assert again == built and {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == before
+
+
+def test_interrupted_build_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
+    from iwp.export import graphs
+    calls = []
+    original = graphs.export
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(graphs, "export", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build(SPEC, tmp_path, progress=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json is corrupt"),
+    (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
+    (lambda d: (d / "prefill.onnx").unlink(), "prefill.onnx is missing"),
+    (lambda d: (d / "decode.onnx").write_bytes(b"garbage"), "decode.onnx does not match the hash"),
+    (lambda d: _edit_manifest(d, format=99), "manifest format 99"),
+])
+def test_damaged_engine_gets_one_line_error(built, tmp_path, damage, words):
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    damage(copy)
+    with pytest.raises(ValueError, match=words) as err:
+        Pipeline.from_engine(copy)
+    assert "\n" not in str(err.value) and "make engine" in str(err.value)
+
+
+def _edit_manifest(directory, **changes):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest.update(changes)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_missing_engine_and_wrong_budget(built, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        Pipeline.from_engine(tmp_path / "nope")
+    with pytest.raises(ValueError, match="built for budget 64, not 128"):
+        Pipeline.from_engine(built, budget=128)
+
+
+def test_prompt_past_capacity_names_the_capacity(pipeline):
+    with pytest.raises(ValueError, match="capacity is 432"):
+        pipeline.generate_ids(demo_image(0), "word " * 200, 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be in 1..32"):
+        pipeline.generate_ids(demo_image(0), "hi", 33)
+
+
+def test_sampler_is_seeded_and_top_p_narrows():
+    logits = np.array([2.0, 1.0, 0.5, -1.0, 3.0])
+    draws = [Sampler(1.0, 1.0, seed=7)(logits) for _ in range(3)]
+    assert len(set(draws)) == 1                                   # same seed, same draw
+    spread = {Sampler(1.0, 1.0, seed=s)(logits) for s in range(50)}
+    assert len(spread) > 1
+    assert {Sampler(1.0, 1e-6, seed=s)(logits) for s in range(20)} == {4}  # top-p ~0 is greedy
+    assert Sampler()(logits) == 4
+    with pytest.raises(ValueError):
+        Sampler(-1.0)
+
+
+def test_sampled_generation_is_reproducible(pipeline):
+    a = pipeline.generate(demo_image(2), "Describe it.", 6, temperature=0.8, top_p=0.9, seed=3)
+    b = pipeline.generate(demo_image(2), "Describe it.", 6, temperature=0.8, top_p=0.9, seed=3)
+    assert a == b
