@@ -105,10 +105,21 @@ class DecodeGraph(torch.nn.Module):
 def export(module: torch.nn.Module, args: tuple, input_names, output_names,
            dynamic_shapes=None) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with iwp's op translation; the result passes onnx.checker."""
+    import logging
+    import warnings
+
     from .onnx_op import custom_translation_table
-    program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
-                                output_names=list(output_names), dynamic_shapes=dynamic_shapes,
-                                custom_translation_table=custom_translation_table(), verbose=False)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=list(input_names),
+                                        output_names=list(output_names), dynamic_shapes=dynamic_shapes,
+                                        custom_translation_table=custom_translation_table(), verbose=False)
+    finally:
+        registration.setLevel(level)
     model = program.model_proto
     onnx.checker.check_model(model)
     return model
