@@ -85,3 +85,18 @@ def test_vision_and_embed_graphs_match_hf(tiny, tiny_model):
     (embeds,) = session(embed).run(None, {"input_ids": batch.input_ids.numpy()})
     text = (batch.input_ids != tiny.processor.image_token_id).numpy()
     np.testing.assert_array_equal(embeds[text], merged.numpy()[text])
+
+
+def test_polygraphy_comparator_checks_prefill_and_catches_a_mismatch(tiny, tiny_model):
+    """polygraphy's Comparator over an OnnxrtRunner (with iwp's op registered) against the PyTorch module."""
+    from iwp.export.parity import compare
+    batch = make_batch(tiny, demo_image(3), "How many shapes are there?")
+    method = make_method("iwp")
+    plan = method.plan(tiny_model.n_layers, batch.n_visual, 40)
+    graph = PrefillGraph(tiny_model, batch, method, plan, max_new_tokens=4)
+    args = graph.example_inputs(tiny_model.embed(batch))
+    model = export(graph, args, PREFILL_INPUTS, graph.output_names())
+    feeds = {name: a.numpy() for name, a in zip(PREFILL_INPUTS, args)}
+    assert compare(model, graph, feeds)
+    other = PrefillGraph(tiny_model, batch, make_method("random"), plan, max_new_tokens=4)  # other kept set
+    assert not compare(model, other, feeds)
