@@ -184,6 +184,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             "spec": dataclasses.asdict(spec),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; an engine is meant to be shared
         _replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

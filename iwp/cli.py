@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .demo import demo_image
 
@@ -169,6 +170,26 @@ def cmd_ablate(args) -> None:
     print(ablate(model, batch, budget))
 
 
+def cmd_bench_prefill(args) -> None:
+    from iwp.runtime.pipeline import Pipeline
+    print("| engine | method | tokens per layer | vision ms | prefill ms | prefill vs first | FLOP-ideal |")
+    print("|---|---|---|---|---|---|---|")
+    first = None
+    for directory in args.engine:
+        pipeline = Pipeline.from_engine(directory)
+        m = pipeline.manifest
+        image = demo_image(0, tuple(m["model"]["resolution"][::-1]))
+        t = pipeline.time_stages(image, "What is in the image?", args.repeats)
+        first = first or (t["prefill"], m["flops"]["pruned"])
+        from .flops import describe_counts
+        print(f"| {Path(directory).name} | {m['method']['name']} | {describe_counts(m['method']['tokens_per_layer'])} "
+              f"| {t['vision'] * 1e3:.0f} | {t['prefill'] * 1e3:.0f} | {first[0] / t['prefill']:.2f}x | "
+              f"{first[1] / m['flops']['pruned']:.2f}x |", flush=True)
+        del pipeline  # multi-GB sessions: free one engine before loading the next
+        import gc
+        gc.collect()
+
+
 def cmd_bench_select(args) -> None:
     from .bench_select import run
     run(args.repeats)
@@ -218,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _scene_args(p, images=8)
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("bench-prefill", help="vision and prefill time of engines; the first is the baseline")
+    p.add_argument("--engine", action="append", required=True, help="engine directory, repeatable")
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.set_defaults(func=cmd_bench_prefill)
 
     p = sub.add_parser("bench-select", help="IWP selection time on CPU")
     p.add_argument("--repeats", type=positive_int, default=5)

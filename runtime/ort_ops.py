@@ -6,6 +6,8 @@ memory*; the file on disk keeps domain `iwp`, which TensorRT's parser maps to th
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 
 from iwp.plugins.visual_token_select import contract
@@ -48,10 +50,12 @@ def register() -> str:
     return get_library_path()
 
 
-def for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose iwp nodes sit in ai.onnx.contrib (the file on disk is not touched)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def for_onnxruntime(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+    """`model` with its iwp nodes in ai.onnx.contrib (a copy unless copy=False; the file is never touched)."""
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     for node in out.graph.node:
         if node.domain == contract.DOMAIN:
             node.domain = ORT_DOMAIN
@@ -61,9 +65,20 @@ def for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def session(model: onnx.ModelProto, providers: list[str] | None = None):
+def session(model, providers: list[str] | None = None):
+    """An ONNX Runtime session for a ModelProto or a path. A file without iwp nodes is handed to ONNX
+    Runtime by path, so a multi-GB graph is not copied through Python."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.register_custom_ops_library(register())
-    return ort.InferenceSession(for_onnxruntime(model).SerializeToString(), options,
-                                providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    if not isinstance(model, onnx.ModelProto):
+        path = str(model)
+        model = onnx.load(path, load_external_data=False)
+        if not any(node.domain == contract.DOMAIN for node in model.graph.node):
+            del model
+            return ort.InferenceSession(path, options, providers=providers)
+        onnx.load_external_data_for_model(model, str(Path(path).parent))
+        return ort.InferenceSession(for_onnxruntime(model, copy=False).SerializeToString(), options,
+                                    providers=providers)
+    return ort.InferenceSession(for_onnxruntime(model).SerializeToString(), options, providers=providers)

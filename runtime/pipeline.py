@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from iwp.export.engine import FORMAT, GRAPHS, sha256
 
@@ -88,7 +87,7 @@ class Pipeline:
             import onnxruntime
             available = onnxruntime.get_available_providers()
             providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-            sessions = {name: session(onnx.load(directory / f"{name}.onnx"), providers) for name in GRAPHS}
+            sessions = {name: session(directory / f"{name}.onnx", providers) for name in GRAPHS}
         except Exception as err:  # onnx/ORT raise many types for a damaged graph
             raise _error(directory, f"a graph does not load ({type(err).__name__}: {str(err).splitlines()[0]})")
         return cls(directory, manifest, processor_from_checkpoint(directory), sessions)
@@ -158,6 +157,31 @@ class Pipeline:
             if on_token:
                 on_token(tokens[-1])
         return tokens, kept
+
+    def time_stages(self, image, prompt: str, repeats: int = 5) -> dict:
+        """Median seconds of the vision and prefill graphs on one input, after a warm-up run (a benchmark
+        helper; the full per-stage profiler is `iwp profile`)."""
+        import statistics
+        import time
+        batch = self._prepare(image, prompt)
+        s = self.sessions
+        (embeds,) = s["embed"].run(None, {"input_ids": batch.input_ids.numpy()})
+        feeds = {"inputs_embeds": embeds, "attention_mask": batch.attention_mask.numpy(),
+                 "positions": batch.positions.numpy(), "visual_start": batch.visual_start.numpy(),
+                 "query_idx": batch.query_idx.numpy(), "query_mask": batch.query_mask.numpy(),
+                 "last_idx": batch.last_idx.numpy()}
+        runs = {"vision": lambda: s["vision"].run(None, {"pixel_values": batch.pixel_values.numpy()}),
+                "prefill": lambda: s["prefill"].run(None, feeds)}
+        out = {}
+        for name, run in runs.items():
+            run()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            out[name] = statistics.median(times)
+        return out
 
     def generate(self, image, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None) -> str:

@@ -121,3 +121,11 @@ def test_sampled_generation_is_reproducible(pipeline):
     a = pipeline.generate(demo_image(2), "Describe it.", 6, temperature=0.8, top_p=0.9, seed=3)
     b = pipeline.generate(demo_image(2), "Describe it.", 6, temperature=0.8, top_p=0.9, seed=3)
     assert a == b
+
+
+def test_bench_prefill_reports_each_engine(built, capsys):
+    from iwp.cli import main
+    main(["bench-prefill", "--engine", str(built), "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert f"| {built.name} | iwp | 336x2 64x6 |" in out and "1.00x" in out
+    assert oct(built.stat().st_mode & 0o777) == "0o755"
