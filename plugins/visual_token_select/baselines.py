@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .pcmmr import pcmmr, rankable, top_k_sorted
-from .stages import Plan, single_stage
+from .stages import SingleStage
 from .view import LayerView, cosine_to, visual_attention
 
 
@@ -32,15 +32,9 @@ class FastVConfig:
         _check_layer("fastv", self.layer)
 
 
-class FastV:
+class FastV(SingleStage):
     name = "fastv"
     Config = FastVConfig
-
-    def __init__(self, config: FastVConfig = FastVConfig()):
-        self.config = config
-
-    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
-        return single_stage(self.config.layer, n_layers, n_visual, budget)
 
     def select(self, view: LayerView, keep: int) -> Tensor:
         return top_k_sorted(visual_attention(view, "last", rope=True), keep)
@@ -57,15 +51,9 @@ class DARTConfig:
             raise ValueError(f"dart pivots must be >= 1, got {self.pivots}")
 
 
-class DART:
+class DART(SingleStage):
     name = "dart"
     Config = DARTConfig
-
-    def __init__(self, config: DARTConfig = DARTConfig()):
-        self.config = config
-
-    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
-        return single_stage(self.config.layer, n_layers, n_visual, budget)
 
     def select(self, view: LayerView, keep: int) -> Tensor:
         n_pivots = min(self.config.pivots, keep)
@@ -85,15 +73,9 @@ class DivPruneConfig:
         _check_layer("divprune", self.layer)
 
 
-class DivPrune:
+class DivPrune(SingleStage):
     name = "divprune"
     Config = DivPruneConfig
-
-    def __init__(self, config: DivPruneConfig = DivPruneConfig()):
-        self.config = config
-
-    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
-        return single_stage(self.config.layer, n_layers, n_visual, budget)
 
     def select(self, view: LayerView, keep: int) -> Tensor:
         hidden = view.visual(view.hidden).float()                              # [B, N, D]
@@ -122,15 +104,9 @@ def hash_scores(n: int, seed: int, device=None) -> Tensor:
     return x
 
 
-class Random:
+class Random(SingleStage):
     name = "random"
     Config = RandomConfig
-
-    def __init__(self, config: RandomConfig = RandomConfig()):
-        self.config = config
-
-    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
-        return single_stage(self.config.layer, n_layers, n_visual, budget)
 
     def select(self, view: LayerView, keep: int) -> Tensor:
         score = (hash_scores(view.n_visual, self.config.seed, view.hidden.device) % 2**24).float()  # exact in fp32

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .pcmmr import pcmmr, rankable
-from .stages import Plan, average_budget_plan
+from .stages import MultiStage
 from .view import LayerView, cosine_to, visual_attention
 
 _DEFAULT_FRACTIONS = (0.125, 0.375, 0.625)  # of the decoder depth, used until calibration chooses layers
@@ -61,20 +61,11 @@ def spatial_spread(xy: Tensor, start: Tensor, count: int) -> Tensor:
     return pcmmr(start, neg_distance, count, lam=0.0)
 
 
-class BTP:
+class BTP(MultiStage):
     name = "btp"
     Config = BTPConfig
 
-    def __init__(self, config: BTPConfig = BTPConfig()):
-        self.config = config
-
-    def stage_layers(self, n_layers: int) -> tuple[int, ...]:
-        if self.config.layers is not None:
-            return tuple(self.config.layers)
-        return tuple(sorted({max(1, round(f * n_layers)) for f in _DEFAULT_FRACTIONS}))
-
-    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
-        return average_budget_plan(self.stage_layers(n_layers), n_layers, n_visual, budget)
+    default_fractions = _DEFAULT_FRACTIONS
 
     def attention_weight(self, stage: int, n_stages: int) -> float:
         c = self.config

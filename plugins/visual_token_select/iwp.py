@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .pcmmr import chunk_schedule, pcmmr
 from .view import LayerView, mean_over_queries, visual_log_attention
-from .stages import Plan, single_stage
+from .stages import SingleStage
 
 _EPS = 1e-12
 
@@ -90,15 +90,9 @@ class UpdateCosine:
         return ((self.v_unit @ v_c.transpose(-1, -2)) * expo.exp()).sum(dim=1)   # [B, N, c]
 
 
-class IWP:
+class IWP(SingleStage):
     name = "iwp"
     Config = IWPConfig
-
-    def __init__(self, config: IWPConfig = IWPConfig()):
-        self.config = config
-
-    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
-        return single_stage(self.config.layer, n_layers, n_visual, budget)
 
     def select(self, view: LayerView, keep: int) -> Tensor:
         c = self.config

@@ -78,3 +78,32 @@ def average_budget_plan(layers: tuple[int, ...], n_layers: int, n_visual: int, b
         lo, hi = (mid, hi) if mean(mid) < budget else (lo, mid)
     best = min((lo, hi), key=lambda r: abs(mean(r) - budget))
     return make_plan(list(zip(layers, keeps(best))), n_layers, n_visual)
+
+
+class SingleStage:
+    """Base of the methods that prune once, at `config.layer`, keeping BUDGET tokens from there on."""
+    Config: type
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
+        return single_stage(self.config.layer, n_layers, n_visual, budget)
+
+
+class MultiStage:
+    """Base of the methods that prune at several layers (`config.layers`, else `default_fractions` of the
+    depth) and read BUDGET as the average visual tokens per layer."""
+    Config: type
+    default_fractions: tuple[float, ...]
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def stage_layers(self, n_layers: int) -> tuple[int, ...]:
+        if self.config.layers is not None:
+            return tuple(self.config.layers)
+        return tuple(sorted({max(1, round(f * n_layers)) for f in self.default_fractions}))
+
+    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
+        return average_budget_plan(self.stage_layers(n_layers), n_layers, n_visual, budget)

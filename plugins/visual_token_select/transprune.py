@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .pcmmr import rankable, top_k_sorted
-from .stages import Plan, average_budget_plan
+from .stages import MultiStage
 from .view import LayerView, visual_attention
 
 _DEFAULT_FRACTIONS = (0.125, 0.375)
@@ -50,24 +50,15 @@ def _normalize(x: Tensor) -> Tensor:
     return x / x.sum(dim=-1, keepdim=True).clamp(min=1e-30)
 
 
-class TransPrune:
+class TransPrune(MultiStage):
     name = "transprune"
     Config = TransPruneConfig
 
-    def __init__(self, config: TransPruneConfig = TransPruneConfig()):
-        self.config = config
+    default_fractions = _DEFAULT_FRACTIONS
 
     @property
     def ttv_start(self) -> int:  # the pruned forward accumulates TTV from this layer on
         return self.config.ttv_start
-
-    def stage_layers(self, n_layers: int) -> tuple[int, ...]:
-        if self.config.layers is not None:
-            return tuple(self.config.layers)
-        return tuple(sorted({max(1, round(f * n_layers)) for f in _DEFAULT_FRACTIONS}))
-
-    def plan(self, n_layers: int, n_visual: int, budget: int) -> Plan:
-        return average_budget_plan(self.stage_layers(n_layers), n_layers, n_visual, budget)
 
     def select(self, view: LayerView, keep: int) -> Tensor:
         iga = _normalize(visual_attention(view, "instruction", rope=True))
