@@ -46,8 +46,8 @@ class EngineSpec:
             raise ValueError("max_text_tokens and max_new_tokens must be >= 1")
         if self.dtype != "fp32":
             raise ValueError(f"DTYPE={self.dtype} is not built yet; use DTYPE=fp32")
-        if self.select != "plugin":
-            raise ValueError(f"SELECT={self.select} is not built yet; use SELECT=plugin")
+        if self.select not in ("plugin", "native"):
+            raise ValueError(f"SELECT={self.select} is not one of plugin, native")
 
 
 def sha256(path: Path) -> str:
@@ -60,7 +60,8 @@ def sha256(path: Path) -> str:
 
 def engine_name(spec: EngineSpec, grid_name: str) -> str:
     budget = f"-b{spec.budget}" if spec.method != "none" else ""
-    return f"{spec.model}-{spec.method}{budget}-{grid_name}"
+    native = "-native" if spec.select == "native" and spec.method != "none" else ""
+    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}"
 
 
 def _tool_versions() -> dict:
@@ -134,7 +135,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     try:
         with torch.no_grad():
             embeds = model.embed(batch)
-            prefill = PrefillGraph(model, batch, method, plan, spec.max_new_tokens)
+            prefill = PrefillGraph(model, batch, method, plan, spec.max_new_tokens, native=spec.select == "native")
             pre = model.prefill(embeds, batch, method, plan, spec.max_new_tokens)
             decode = DecodeGraph(model, prefill_len)
             past = [t for layer in zip(pre.cache.keys, pre.cache.values, pre.cache.valid) for t in layer]

@@ -50,10 +50,11 @@ class EmbedGraph(torch.nn.Module):
 
 
 class PrefillGraph(torch.nn.Module):
-    def __init__(self, model: PrunedLlavaOnevision, template: Batch, method, plan, max_new_tokens: int = 0):
+    def __init__(self, model: PrunedLlavaOnevision, template: Batch, method, plan, max_new_tokens: int = 0,
+                 native: bool = False):
         super().__init__()
         self.model, self.template, self.method, self.plan = model, template, method, plan
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.native = max_new_tokens, native
         self.register_buffer("visual_xy", template.visual_xy.clone())   # fixed by the crop grid
 
     def output_names(self) -> list[str]:
@@ -67,7 +68,7 @@ class PrefillGraph(torch.nn.Module):
                                     visual_start=visual_start, query_idx=query_idx, query_mask=query_mask,
                                     last_idx=last_idx, visual_xy=self.visual_xy)
         pre = self.model.prefill(inputs_embeds, batch, self.method, self.plan, self.max_new_tokens,
-                                 last_logits_only=True)
+                                 last_logits_only=True, native_select=self.native)
         outputs = [pre.logits, *pre.kept]
         for key, value, valid in zip(pre.cache.keys, pre.cache.values, pre.cache.valid):
             outputs += [key, value, valid]

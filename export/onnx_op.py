@@ -52,8 +52,17 @@ def translate(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx, 
                                        query_mask, last_idx, visual_xy, ttv, **attrs)
 
 
+def sort_stable(x, stable: bool = True, dim: int = -1, descending: bool = False):
+    """aten.sort.stable -> ONNX TopK over the whole axis. TopK breaks ties by the lower index, which is what
+    a stable sort does, so the native selection keeps the reference's tie rule (tested on ties)."""
+    from onnxscript import opset18 as op
+    n = op.Shape(x, start=dim, end=dim + 1 if dim != -1 else None)
+    values, indices = op.TopK(x, n, axis=dim, largest=1 if descending else 0, sorted=1)
+    return values, indices
+
+
 def custom_translation_table() -> dict:
     import torch
     import iwp.plugins.visual_token_select.torch_op  # noqa: F401  (defines torch.ops.iwp.visual_token_select)
     register_schema()
-    return {torch.ops.iwp.visual_token_select.default: translate}
+    return {torch.ops.iwp.visual_token_select.default: translate, torch.ops.aten.sort.stable: sort_stable}

@@ -101,7 +101,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
 
     @torch.no_grad()
     def prefill(self, embeds: Tensor, batch: Batch, method=None, plan: Plan | None = None,
-                max_new_tokens: int = 0, last_logits_only: bool = False) -> Prefill:
+                max_new_tokens: int = 0, last_logits_only: bool = False, native_select: bool = False) -> Prefill:
         b, t, _ = embeds.shape
         n = batch.n_visual
         stages = dict(plan.stages) if method is not None else {}
@@ -124,7 +124,8 @@ class PrunedLlavaOnevision(torch.nn.Module):
                 n_alive = original.shape[1]
                 view = LayerView(h, q, k, q_rot, k_rot, v, key_mask, visual_start, n_alive, query_idx,
                                  batch.query_mask, last_idx, xy, ttv, index, stage_of[index], len(stages))
-                keep = select(method, view, stages[index])                         # [B, K], one op node
+                # one iwp op node, or (native) the reference inlined as plain ONNX ops
+                keep = method.select(view, stages[index]) if native_select else select(method, view, stages[index])
                 src = compact_index(visual_start, n_alive, keep, h.shape[1])
                 h, q_rot, k_rot, v = _take(h, src), _take(q_rot, src), _take(k_rot, src), _take(v, src)
                 positions, key_mask = _take(positions, src), _take(key_mask, src)

@@ -57,7 +57,7 @@ def spatial_spread(xy: Tensor, start: Tensor, count: int) -> Tensor:
     """Farthest-point spread of `count` tokens on the patch grid [B, N, 2], starting from `start` [B, N] top."""
     def neg_distance(chosen: Tensor) -> Tensor:  # larger = closer = more redundant
         picked = xy.gather(1, chosen[:, :, None].expand(-1, -1, 2))
-        return -torch.cdist(xy, picked)
+        return -(xy[:, :, None, :] - picked[:, None, :, :]).square().sum(-1).sqrt()   # 2-D; exports everywhere
     return pcmmr(start, neg_distance, count, lam=0.0)
 
 
