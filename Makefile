@@ -23,7 +23,7 @@ ENGINE_ARGS := --model $(MODEL) --method $(METHOD) \
 .PHONY: engine test test-slow compare bench-select clean
 
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0

@@ -24,7 +24,10 @@ def register() -> str:
         import numpy as np
         import torch
 
+        from iwp.plugins.visual_token_select import cpu
+        from iwp.plugins.visual_token_select.contract import method_from_attributes
         from iwp.plugins.visual_token_select.torch_op import visual_token_select
+        from iwp.plugins.visual_token_select.view import LayerView
 
         scalar = {bool: PyCustomOpDef.dt_int64, int: PyCustomOpDef.dt_int64, float: PyCustomOpDef.dt_float,
                   str: PyCustomOpDef.dt_string}
@@ -42,9 +45,14 @@ def register() -> str:
             core = {"method", "keep", "layer_index", "stage", "n_stages", "plugin_namespace", "plugin_version"}
             options = {k: v for k, v in node_attrs.items() if k not in core}  # method_from_attributes keeps its own
             tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-            out = visual_token_select(*tensors, node_attrs["method"], int(node_attrs["keep"]),
-                                      int(node_attrs.get("layer_index", 0)), int(node_attrs.get("stage", 0)),
-                                      int(node_attrs.get("n_stages", 1)), json.dumps(options))
+            keep, layer = int(node_attrs["keep"]), int(node_attrs.get("layer_index", 0))
+            stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
+            method = method_from_attributes({"method": node_attrs["method"], **options})
+            if method.name == "iwp":  # the compiled kernel (cpu.cpp); other methods run the reference
+                view = LayerView(*tensors[:8], tensors[11].shape[1], *tensors[8:], layer, stage, n_stages)
+                return cpu.iwp_select(view, method.config, keep).numpy()
+            out = visual_token_select(*tensors, node_attrs["method"], keep, layer, stage, n_stages,
+                                      json.dumps(options))
             return out.numpy()
         _registered = True
     return get_library_path()

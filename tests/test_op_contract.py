@@ -81,3 +81,21 @@ def test_exported_node_runs_on_onnxruntime_with_reference_indices(name):
     feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
     (indices,) = sess.run(None, feeds)
     assert indices.tolist() == method.select(view, 7).tolist()
+
+
+def test_onnxruntime_runs_iwp_through_the_compiled_kernel(monkeypatch):
+    from iwp.plugins.visual_token_select import cpu
+    calls = []
+    original = cpu.iwp_select
+
+    def counting(view, config, keep):
+        calls.append(keep)
+        return original(view, config, keep)
+    monkeypatch.setattr(cpu, "iwp_select", counting)
+    view = synthetic_view(B=2, N=30, Q=3, seed=5)
+    method = make_method("iwp")
+    model = _export(SelectOnly(method, keep=9), _inputs(view))
+    sess = session(model)
+    (indices,) = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), _inputs(view))})
+    assert calls == [9]
+    assert indices.tolist() == method.select(view, 9).tolist()

@@ -1,0 +1,438 @@
+// IWP selection on the CPU: magnitude, update cosine and PCMMR, following iwp.py and pcmmr.py exactly
+// (same formulas, same candidate pools, ties to the lower index, NaN scores ranked last).
+// Built by the package's own build (setup.py) as iwp.plugins.visual_token_select._cpu; the ONNX Runtime op
+// calls it. Accumulations are in double, final scores in float, as the reference ranks them.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace iwp
+{
+namespace
+{
+
+constexpr float kLowest = std::numeric_limits<float>::lowest();
+constexpr float kMax = std::numeric_limits<float>::max();
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kEps = 1e-12;
+
+float rankable(float x)
+{
+    if (std::isnan(x) || x == kNegInf)
+    {
+        return kLowest;
+    }
+    return std::isinf(x) ? kMax : x;
+}
+
+// Indices of the k largest scores, ties to the lower index, in rank order.
+std::vector<int64_t> topIndices(std::vector<float> const& score, int64_t k)
+{
+    std::vector<int64_t> idx(score.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+    idx.resize(k);
+    return idx;
+}
+
+std::vector<int> chunkSchedule(int64_t k, int64_t chunk, double growth)
+{
+    std::vector<int> sizes;
+    int64_t total = 0;
+    for (int step = 0; total < k; ++step)
+    {
+        int64_t c = std::max<int64_t>(1, std::llround(chunk * std::pow(growth, step)));
+        c = std::min<int64_t>(k - total, c);
+        sizes.push_back(static_cast<int>(c));
+        total += c;
+    }
+    return sizes;
+}
+
+// Strided views of the contiguous [B, H, T, d] inputs.
+struct Heads
+{
+    float const* data;
+    int64_t heads, tokens, dim;
+    float const* at(int64_t b, int64_t h, int64_t t) const
+    {
+        return data + ((b * heads + h) * tokens + t) * dim;
+    }
+};
+
+double dot(float const* x, float const* y, int64_t n)
+{
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i)
+    {
+        s += static_cast<double>(x[i]) * y[i];
+    }
+    return s;
+}
+
+// Mean over query heads and valid queries of attention probability (no RoPE) times value norm: [N].
+std::vector<float> magnitude(Heads const& q, Heads const& k, std::vector<double> const& logVnorm, uint8_t const* keyMask,
+    int64_t b, int64_t start, int64_t n, std::vector<int64_t> const& queryPos, std::vector<uint8_t> const& queryOk)
+{
+    int64_t const groups = q.heads / k.heads;
+    int64_t const t = k.tokens;
+    double const scale = 1.0 / std::sqrt(static_cast<double>(q.dim));
+    std::vector<double> sum(n, 0.0);
+    std::vector<double> logits(t);
+    int64_t valid = 0;
+    for (size_t r = 0; r < queryPos.size(); ++r)
+    {
+        valid += queryOk[r] ? 1 : 0;
+    }
+    for (int64_t h = 0; h < q.heads; ++h)
+    {
+        int64_t const g = h / groups;
+        for (size_t r = 0; r < queryPos.size(); ++r)
+        {
+            if (!queryOk[r])
+            {
+                continue;
+            }
+            int64_t const pos = queryPos[r];
+            double top = -std::numeric_limits<double>::infinity();
+            bool nan = false;
+            for (int64_t j = 0; j < t; ++j)
+            {
+                bool const visible = j <= pos && keyMask[b * t + j];
+                logits[j] = visible ? dot(q.at(b, h, pos), k.at(b, g, j), q.dim) * scale
+                                    : -std::numeric_limits<double>::infinity();
+                nan = nan || std::isnan(logits[j]);
+                top = std::max(top, logits[j]);
+            }
+            double total = 0;
+            for (int64_t j = 0; j < t; ++j)
+            {
+                total += std::exp(logits[j] - top);
+            }
+            double const lse = top + std::log(total);
+            for (int64_t i = 0; i < n; ++i)
+            {
+                double const logP = nan ? std::nan("") : logits[start + i] - lse;
+                sum[i] += std::exp(logP + logVnorm[g * n + i]);
+            }
+        }
+    }
+    double const denom = std::max<double>(1.0, static_cast<double>(valid * q.heads));
+    std::vector<float> out(n);
+    for (int64_t i = 0; i < n; ++i)
+    {
+        out[i] = static_cast<float>(sum[i] / denom);
+    }
+    return out;
+}
+
+// S[i, c] of the rank-1 updates, as a head-weighted RBF kernel on centred keys times the value cosine.
+class UpdateCosine
+{
+public:
+    UpdateCosine(Heads const& kRot, Heads const& v, int64_t b, int64_t start, int64_t n)
+        : mHeads(kRot.heads)
+        , mN(n)
+        , mDim(kRot.dim)
+        , mA(mHeads * n * mDim)
+        , mVUnit(mHeads * n * mDim)
+        , mLogW(mHeads * n)
+        , mSq(mHeads * n)
+    {
+        double const quarter = std::pow(static_cast<double>(mDim), 0.25);
+        std::vector<double> logSelf(mHeads * n);
+        for (int64_t h = 0; h < mHeads; ++h)
+        {
+            std::vector<double> mean(mDim, 0.0);
+            for (int64_t i = 0; i < n; ++i)
+            {
+                float const* key = kRot.at(b, h, start + i);
+                float const* val = v.at(b, h, start + i);
+                double norm2 = 0, a2 = 0;
+                for (int64_t e = 0; e < mDim; ++e)
+                {
+                    norm2 += static_cast<double>(val[e]) * val[e];
+                }
+                double const vnorm = std::max(std::sqrt(norm2), kEps);
+                for (int64_t e = 0; e < mDim; ++e)
+                {
+                    double const a = key[e] / quarter;
+                    a2 += a * a;
+                    mA[(h * n + i) * mDim + e] = a;
+                    mVUnit[(h * n + i) * mDim + e] = val[e] / vnorm;
+                    mean[e] += a / n;
+                }
+                logSelf[h * n + i] = a2 + 2 * std::log(vnorm);
+            }
+            for (int64_t i = 0; i < n; ++i)
+            {
+                double sq = 0;
+                for (int64_t e = 0; e < mDim; ++e)
+                {
+                    double& a = mA[(h * n + i) * mDim + e];
+                    a -= mean[e];
+                    sq += a * a;
+                }
+                mSq[h * n + i] = sq;
+            }
+        }
+        for (int64_t i = 0; i < n; ++i)  // log w = ½ log_softmax over heads
+        {
+            double top = -std::numeric_limits<double>::infinity();
+            for (int64_t h = 0; h < mHeads; ++h)
+            {
+                top = std::max(top, logSelf[h * n + i]);
+            }
+            double total = 0;
+            for (int64_t h = 0; h < mHeads; ++h)
+            {
+                total += std::exp(logSelf[h * n + i] - top);
+            }
+            for (int64_t h = 0; h < mHeads; ++h)
+            {
+                mLogW[h * n + i] = 0.5 * (logSelf[h * n + i] - top - std::log(total));
+            }
+        }
+    }
+
+    float operator()(int64_t i, int64_t c) const
+    {
+        double s = 0;
+        for (int64_t h = 0; h < mHeads; ++h)
+        {
+            double const* ai = &mA[(h * mN + i) * mDim];
+            double const* ac = &mA[(h * mN + c) * mDim];
+            double const* vi = &mVUnit[(h * mN + i) * mDim];
+            double const* vc = &mVUnit[(h * mN + c) * mDim];
+            double cross = 0, vcos = 0;
+            for (int64_t e = 0; e < mDim; ++e)
+            {
+                cross += ai[e] * ac[e];
+                vcos += vi[e] * vc[e];
+            }
+            double const dist2 = i == c ? 0.0 : std::max(0.0, mSq[h * mN + i] + mSq[h * mN + c] - 2 * cross);
+            s += vcos * std::exp(-0.5 * dist2 + mLogW[h * mN + i] + mLogW[h * mN + c]);
+        }
+        float const out = static_cast<float>(s);
+        return std::isnan(out) ? 0.0F : out;  // a NaN similarity counts as 0
+    }
+
+private:
+    int64_t mHeads, mN, mDim;
+    std::vector<double> mA, mVUnit, mLogW, mSq;
+};
+
+// As torch evaluates `lam * m - (1.0 - lam) * s` on float32 tensors: both scalars are rounded to float.
+struct Mix
+{
+    float lam, rest;
+    explicit Mix(double l)
+        : lam(static_cast<float>(l))
+        , rest(static_cast<float>(1.0 - l))
+    {
+    }
+};
+
+float mmrScore(float mag, std::optional<float> maxSim, bool finite, Mix const& mix)
+{
+    float const score = maxSim ? mix.lam * mag - mix.rest * *maxSim : mag;
+    return finite ? rankable(score) : kLowest;
+}
+
+// PCMMR over one sample, as pcmmr.py: a pool of 2c candidates per step, c of them added by exact greedy.
+std::vector<int64_t> pcmmr(std::vector<float> const& raw, UpdateCosine const& sim, int64_t k, double lam,
+    int64_t chunk, double growth)
+{
+    int64_t const n = static_cast<int64_t>(raw.size());
+    Mix const mix(lam);
+    if (lam == 1.0)
+    {
+        std::vector<float> score(n);
+        std::transform(raw.begin(), raw.end(), score.begin(), rankable);
+        auto out = topIndices(score, k);
+        std::sort(out.begin(), out.end());
+        return out;
+    }
+    std::vector<uint8_t> finite(n);
+    std::vector<float> mag(n);
+    float top = 0.0F;
+    for (int64_t i = 0; i < n; ++i)
+    {
+        finite[i] = std::isfinite(raw[i]);
+        mag[i] = finite[i] ? raw[i] : 0.0F;
+        top = std::max(top, mag[i]);
+    }
+    top = std::max(top, std::numeric_limits<float>::min());
+    for (float& m : mag)
+    {
+        m /= top;
+    }
+    std::vector<uint8_t> taken(n, 0);
+    std::vector<std::optional<float>> maxSim(n);
+    std::vector<int64_t> chosen;
+    std::vector<int> const sizes = chunkSchedule(k, chunk, growth);
+    int64_t done = 0;
+    for (int c : sizes)
+    {
+        int64_t const pool = std::min<int64_t>(2 * c, n - done);
+        std::vector<float> score(n);
+        for (int64_t i = 0; i < n; ++i)
+        {
+            score[i] = taken[i] ? kNegInf : mmrScore(mag[i], maxSim[i], finite[i], mix);
+        }
+        std::vector<int64_t> cand = topIndices(score, pool);
+        std::sort(cand.begin(), cand.end());
+        std::vector<float> intra(pool * pool);
+        for (int64_t p = 0; p < pool; ++p)
+        {
+            for (int64_t r = 0; r < pool; ++r)
+            {
+                intra[p * pool + r] = sim(cand[p], cand[r]);
+            }
+        }
+        std::vector<std::optional<float>> inner(pool);
+        for (int64_t p = 0; p < pool; ++p)
+        {
+            inner[p] = maxSim[cand[p]];
+        }
+        std::vector<uint8_t> picked(pool, 0);
+        std::vector<int64_t> picks;
+        for (int t = 0; t < c; ++t)
+        {
+            int64_t best = -1;
+            float bestScore = kNegInf;
+            for (int64_t p = 0; p < pool; ++p)
+            {
+                float const s = picked[p] ? kNegInf : mmrScore(mag[cand[p]], inner[p], finite[cand[p]], mix);
+                if (best < 0 || s > bestScore)
+                {
+                    best = p;
+                    bestScore = s;
+                }
+            }
+            picked[best] = 1;
+            picks.push_back(best);
+            for (int64_t p = 0; p < pool; ++p)
+            {
+                float const col = intra[p * pool + best];
+                inner[p] = inner[p] ? std::max(*inner[p], col) : col;
+            }
+        }
+        for (int64_t p : picks)
+        {
+            taken[cand[p]] = 1;
+            chosen.push_back(cand[p]);
+        }
+        for (int64_t i = 0; i < n; ++i)
+        {
+            float s = kNegInf;
+            for (int64_t p : picks)
+            {
+                s = std::max(s, sim(i, cand[p]));
+            }
+            maxSim[i] = maxSim[i] ? std::max(*maxSim[i], s) : s;
+        }
+        done += c;
+    }
+    std::sort(chosen.begin(), chosen.end());
+    return chosen;
+}
+
+template <typename T>
+py::array_t<T, py::array::c_style> contiguous(py::array const& a, char const* name, int ndim)
+{
+    auto out = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(a);
+    if (!out || out.ndim() != ndim)
+    {
+        throw std::invalid_argument(std::string("iwp_select: ") + name + " must be a " + std::to_string(ndim)
+            + "-d array");
+    }
+    return out;
+}
+
+} // namespace
+
+// q, k: [B, Hq|Hkv, T, d] without RoPE; kRot, v: [B, Hkv, T, d]; masks and positions as LayerView.
+py::array_t<int64_t> iwpSelect(py::array qIn, py::array kIn, py::array kRotIn, py::array vIn, py::array keyMaskIn,
+    py::array visualStartIn, py::array queryIdxIn, py::array queryMaskIn, py::array lastIdxIn, int64_t n, int64_t keep,
+    double lam, int64_t chunk, double growth, std::string const& queries)
+{
+    auto q = contiguous<float>(qIn, "q", 4);
+    auto k = contiguous<float>(kIn, "k", 4);
+    auto kRot = contiguous<float>(kRotIn, "k_rot", 4);
+    auto v = contiguous<float>(vIn, "v", 4);
+    auto keyMask = contiguous<uint8_t>(keyMaskIn, "key_mask", 2);
+    auto visualStart = contiguous<int64_t>(visualStartIn, "visual_start", 1);
+    auto queryIdx = contiguous<int64_t>(queryIdxIn, "query_idx", 2);
+    auto queryMask = contiguous<uint8_t>(queryMaskIn, "query_mask", 2);
+    auto lastIdx = contiguous<int64_t>(lastIdxIn, "last_idx", 1);
+    int64_t const batch = q.shape(0), hq = q.shape(1), t = q.shape(2), d = q.shape(3), hkv = k.shape(1);
+    if (keep < 1 || keep > n || chunk < 1 || growth < 1.0 || lam < 0.0 || lam > 1.0 || hq % hkv != 0)
+    {
+        throw std::invalid_argument("iwp_select: need 1 <= keep <= N, chunk >= 1, growth >= 1, lam in [0, 1], "
+                                    "and query heads a multiple of KV heads");
+    }
+    if (queries != "instruction" && queries != "last")
+    {
+        throw std::invalid_argument("iwp_select: queries must be 'instruction' or 'last', got '" + queries + "'");
+    }
+    Heads const qh{q.data(), hq, t, d}, kh{k.data(), hkv, t, d}, kr{kRot.data(), hkv, t, d}, vh{v.data(), hkv, t, d};
+    py::array_t<int64_t> out({batch, keep});
+    auto result = out.mutable_unchecked<2>();
+    int64_t const nq = queryIdx.shape(1);
+    for (int64_t b = 0; b < batch; ++b)
+    {
+        int64_t const start = visualStart.data()[b];
+        std::vector<int64_t> pos;
+        std::vector<uint8_t> ok;
+        if (queries == "last")
+        {
+            pos = {lastIdx.data()[b]};
+            ok = {1};
+        }
+        else
+        {
+            pos.assign(queryIdx.data() + b * nq, queryIdx.data() + (b + 1) * nq);
+            ok.assign(queryMask.data() + b * nq, queryMask.data() + (b + 1) * nq);
+        }
+        std::vector<double> logVnorm(hkv * n);
+        for (int64_t g = 0; g < hkv; ++g)
+        {
+            for (int64_t i = 0; i < n; ++i)
+            {
+                float const* val = vh.at(b, g, start + i);
+                logVnorm[g * n + i] = std::log(std::max(std::sqrt(dot(val, val, d)), kEps));
+            }
+        }
+        std::vector<float> const mag = magnitude(qh, kh, logVnorm, keyMask.data(), b, start, n, pos, ok);
+        UpdateCosine const sim(kr, vh, b, start, n);
+        std::vector<int64_t> const chosen = pcmmr(mag, sim, keep, lam, chunk, growth);
+        for (int64_t j = 0; j < keep; ++j)
+        {
+            result(b, j) = chosen[j];
+        }
+    }
+    return out;
+}
+
+} // namespace iwp
+
+PYBIND11_MODULE(_cpu, m)
+{
+    m.doc() = "iwp's compiled CPU kernels for VisualTokenSelect";
+    m.def("iwp_select", &iwp::iwpSelect, py::arg("q"), py::arg("k"), py::arg("k_rot"), py::arg("v"),
+        py::arg("key_mask"), py::arg("visual_start"), py::arg("query_idx"), py::arg("query_mask"), py::arg("last_idx"),
+        py::arg("n_visual"), py::arg("keep"), py::arg("lam"), py::arg("chunk"), py::arg("growth"), py::arg("queries"),
+        "IWP selection: [B, keep] int64 indices into the visual tokens, ascending.");
+}
