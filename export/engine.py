@@ -25,6 +25,8 @@ import torch
 
 FORMAT = 1
 GRAPHS = ("embed", "vision", "prefill", "decode")
+# fp16 graphs are fp16 in the file (TensorRT 11 builds only strongly typed networks); selection scores in fp32
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ class EngineSpec:
     def __post_init__(self):
         if self.max_text_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError("max_text_tokens and max_new_tokens must be >= 1")
-        if self.dtype != "fp32":
-            raise ValueError(f"DTYPE={self.dtype} is not built yet; use DTYPE=fp32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"DTYPE={self.dtype} is not one of {', '.join(DTYPES)}")
         if self.select not in ("plugin", "native"):
             raise ValueError(f"SELECT={self.select} is not one of plugin, native")
 
@@ -61,7 +63,8 @@ def sha256(path: Path) -> str:
 def engine_name(spec: EngineSpec, grid_name: str) -> str:
     budget = f"-b{spec.budget}" if spec.method != "none" else ""
     native = "-native" if spec.select == "native" and spec.method != "none" else ""
-    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}"
+    dtype = f"-{spec.dtype}" if spec.dtype != "fp32" else ""
+    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}{dtype}"
 
 
 def _tool_versions() -> dict:
@@ -111,7 +114,8 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
 
     from .graphs import DecodeGraph, EmbedGraph, PREFILL_INPUTS, PrefillGraph, VisionGraph, export
 
-    loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights)
+    loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
+                  dtype=DTYPES[spec.dtype])
     target = out_root / engine_name(spec, loaded.spec.grid_name)
     expected = inputs_hash(spec, _weights_identity(loaded))
     if is_current(target, expected):

@@ -3,9 +3,14 @@
 ONNX Runtime's C/C++ headers are not on PyPI, so the op is registered as an extensions Python op. Those
 live only in the `ai.onnx.contrib` domain: `for_onnxruntime()` retargets the `iwp` nodes of a model *in
 memory*; the file on disk keeps domain `iwp`, which TensorRT's parser maps to the plugin.
+
+The extensions' Python ops take no fp16 inputs, so in an FP16 graph the in-memory copy casts the node's
+activations to fp32 first; the op scores in fp32 anyway. IWP runs on the compiled kernel (cpu.cpp); the
+other methods on the PyTorch reference.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx
@@ -13,60 +18,85 @@ import onnx
 from iwp.plugins.visual_token_select import contract
 
 ORT_DOMAIN = "ai.onnx.contrib"
+_ACTIVATIONS = ("hidden", "q", "k", "q_rot", "k_rot", "v")  # the inputs of type T in the schema
+_CORE = ("method", "keep", "layer_index", "stage", "n_stages", "plugin_namespace", "plugin_version")
 _registered = False
 
 
+def _select(arrays, node_attrs):
+    """The op's body: numpy inputs in contract order -> [B, keep] int64 indices."""
+    import numpy as np
+    import torch
+
+    from iwp.plugins.visual_token_select import cpu
+    from iwp.plugins.visual_token_select.contract import method_from_attributes
+    from iwp.plugins.visual_token_select.torch_op import visual_token_select
+    from iwp.plugins.visual_token_select.view import LayerView
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    options = {k: v for k, v in node_attrs.items() if k not in _CORE}   # method_from_attributes keeps its own
+    keep, layer = int(node_attrs["keep"]), int(node_attrs.get("layer_index", 0))
+    stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
+    method = method_from_attributes({"method": node_attrs["method"], **options})
+    if method.name == "iwp":  # the compiled kernel
+        view = LayerView(*tensors[:8], tensors[11].shape[1], *tensors[8:], layer, stage, n_stages)
+        return cpu.iwp_select(view, method.config, keep).numpy()
+    return visual_token_select(*tensors, node_attrs["method"], keep, layer, stage, n_stages,
+                               json.dumps(options)).numpy()
+
+
 def register() -> str:
-    """Register the Python op once; returns the extensions library path for SessionOptions."""
+    """Register the Python ops once; returns the extensions library path for SessionOptions."""
     global _registered
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
     if not _registered:
-        import numpy as np
-        import torch
-
-        from iwp.plugins.visual_token_select import cpu
-        from iwp.plugins.visual_token_select.contract import method_from_attributes
-        from iwp.plugins.visual_token_select.torch_op import visual_token_select
-        from iwp.plugins.visual_token_select.view import LayerView
-
         scalar = {bool: PyCustomOpDef.dt_int64, int: PyCustomOpDef.dt_int64, float: PyCustomOpDef.dt_float,
                   str: PyCustomOpDef.dt_string}
         attrs = {name: scalar[kind] for name, kind in {**contract.CORE_ATTRIBUTES,
                                                        **contract.method_attributes()}.items() if kind in scalar}
-        dtypes = {"key_mask": PyCustomOpDef.dt_bool, "query_mask": PyCustomOpDef.dt_bool,
-                  "visual_start": PyCustomOpDef.dt_int64, "query_idx": PyCustomOpDef.dt_int64,
-                  "last_idx": PyCustomOpDef.dt_int64}
-
-        @onnx_op(op_type=contract.OP_TYPE, domain=ORT_DOMAIN,
-                 inputs=[dtypes.get(name, PyCustomOpDef.dt_float) for name in contract.INPUTS],
-                 outputs=[PyCustomOpDef.dt_int64], attrs=attrs)
-        def _visual_token_select(*arrays, **node_attrs):
-            import json
-            core = {"method", "keep", "layer_index", "stage", "n_stages", "plugin_namespace", "plugin_version"}
-            options = {k: v for k, v in node_attrs.items() if k not in core}  # method_from_attributes keeps its own
-            tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-            keep, layer = int(node_attrs["keep"]), int(node_attrs.get("layer_index", 0))
-            stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
-            method = method_from_attributes({"method": node_attrs["method"], **options})
-            if method.name == "iwp":  # the compiled kernel (cpu.cpp); other methods run the reference
-                view = LayerView(*tensors[:8], tensors[11].shape[1], *tensors[8:], layer, stage, n_stages)
-                return cpu.iwp_select(view, method.config, keep).numpy()
-            out = visual_token_select(*tensors, node_attrs["method"], keep, layer, stage, n_stages,
-                                      json.dumps(options))
-            return out.numpy()
+        fixed = {"key_mask": PyCustomOpDef.dt_bool, "query_mask": PyCustomOpDef.dt_bool,
+                 "visual_start": PyCustomOpDef.dt_int64, "query_idx": PyCustomOpDef.dt_int64,
+                 "last_idx": PyCustomOpDef.dt_int64, "visual_xy": PyCustomOpDef.dt_float,
+                 "ttv": PyCustomOpDef.dt_float}
+        onnx_op(op_type=contract.OP_TYPE, domain=ORT_DOMAIN,
+                inputs=[fixed.get(name, PyCustomOpDef.dt_float) for name in contract.INPUTS],
+                outputs=[PyCustomOpDef.dt_int64], attrs=attrs)(lambda *arrays, **a: _select(arrays, a))
         _registered = True
     return get_library_path()
 
 
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
 def for_onnxruntime(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
-    """`model` with its iwp nodes in ai.onnx.contrib (a copy unless copy=False; the file is never touched)."""
+    """`model` with its iwp nodes in ai.onnx.contrib and fp16 activations cast to fp32 before them (a copy
+    unless copy=False; the file is never touched)."""
     out = model
     if copy:
         out = onnx.ModelProto()
         out.CopyFrom(model)
-    for node in out.graph.node:
+    types = None
+    nodes = []
+    for original in out.graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(original)  # the list is rebuilt below, so hold copies, not views into it
         if node.domain == contract.DOMAIN:
+            types = types if types is not None else _elem_types(out)
             node.domain = ORT_DOMAIN
+            for position, name in enumerate(contract.INPUTS):
+                if name in _ACTIVATIONS and types.get(node.input[position]) == onnx.TensorProto.FLOAT16:
+                    cast = f"{node.input[position]}.iwp_fp32"
+                    nodes.append(onnx.helper.make_node("Cast", [node.input[position]], [cast],
+                                                       to=onnx.TensorProto.FLOAT, name=f"{cast}.cast"))
+                    node.input[position] = cast
+        nodes.append(node)
+    if types is not None:
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
     for opset in out.opset_import:
         if opset.domain == contract.DOMAIN:
             opset.domain = ORT_DOMAIN

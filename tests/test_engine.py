@@ -129,3 +129,31 @@ def test_bench_prefill_reports_each_engine(built, capsys):
     out = capsys.readouterr().out
     assert f"| {built.name} | iwp | 336x2 64x6 |" in out and "1.00x" in out
     assert oct(built.stat().st_mode & 0o777) == "0o755"
+
+
+def test_fp16_engine_is_fp16_in_the_file_and_keeps_the_references_tokens(tmp_path):
+    """TensorRT 11 builds only strongly typed networks, so an FP16 engine's graphs are FP16 in the file.
+    On ONNX Runtime the selection still scores in fp32 and keeps what the fp16 PyTorch reference keeps."""
+    import onnx
+    import torch
+
+    from iwp.model import PrunedLlavaOnevision
+    from iwp.zoo import load
+    spec = EngineSpec("tiny-llava-ov", "iwp", 32, max_text_tokens=48, max_new_tokens=8, dtype="fp16")
+    directory = build(spec, tmp_path, progress=lambda _: None)
+    assert directory.name.endswith("-fp16")
+    prefill = onnx.load(directory / "prefill.onnx")
+    embeds = next(i for i in prefill.graph.input if i.name == "inputs_embeds")
+    assert embeds.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    floats = [t for t in prefill.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 64 * 64
+              and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert floats and all(t.data_type == onnx.TensorProto.FLOAT16 for t in floats)  # the weights are fp16
+    pipeline = Pipeline.from_engine(directory)
+    ids, kept = pipeline.generate_ids(demo_image(5), "What colour is the circle?", 8)
+    loaded = load("tiny-llava-ov", dtype=torch.float16)
+    model = PrunedLlavaOnevision(loaded.model)
+    batch = make_batch(loaded, demo_image(5), "What colour is the circle?")
+    method = make_method("iwp")
+    reference, pre = model.generate(batch, method, method.plan(model.n_layers, batch.n_visual, 32), 8)
+    assert kept[0].tolist() == pre.kept[0].tolist()
+    assert ids[0] == reference[0, 0].item()
