@@ -42,6 +42,7 @@ class EngineSpec:
     model_path: str | None = None
     random_weights: bool = False
     options: tuple = ()            # method options as sorted (name, value) pairs
+    external_data: bool = False    # weights in a side file even under 2 GB (over 2 GB they always are)
 
     def __post_init__(self):
         if self.max_text_tokens < 1 or self.max_new_tokens < 1:
@@ -112,7 +113,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     from iwp.plugins.visual_token_select.contract import node_attributes
     from iwp.zoo import load
 
-    from .graphs import DecodeGraph, EmbedGraph, PREFILL_INPUTS, PrefillGraph, VisionGraph, export
+    from .graphs import DecodeGraph, EmbedGraph, PREFILL_INPUTS, PrefillGraph, VisionGraph, export_program, save
 
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
                   dtype=DTYPES[spec.dtype])
@@ -156,8 +157,9 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             for name in GRAPHS:
                 progress(f"exporting {name} graph ...")
                 module, args, inputs, outputs, dynamic = jobs[name]
-                graph = export(module, args, inputs, outputs, dynamic)
-                onnx.save(graph, staging / f"{name}.onnx", save_as_external_data=graph.ByteSize() > 1_800_000_000)
+                program = export_program(module, args, inputs, outputs, dynamic)
+                save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
+                del program
         _save_processor(loaded.processor, staging)
         d, m = model_dims(loaded.model)
         full = prefill_flops((n,) * model.n_layers, d, m)

@@ -103,9 +103,8 @@ class DecodeGraph(torch.nn.Module):
         return (logits, *[t for layer in zip(keys, values, valid) for t in layer])
 
 
-def export(module: torch.nn.Module, args: tuple, input_names, output_names,
-           dynamic_shapes=None) -> onnx.ModelProto:
-    """torch.onnx (dynamo) export with iwp's op translation; the result passes onnx.checker."""
+def export_program(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_shapes=None):
+    """torch.onnx (dynamo) export with iwp's op translations -> torch.onnx.ONNXProgram."""
     import logging
     import warnings
 
@@ -116,11 +115,30 @@ def export(module: torch.nn.Module, args: tuple, input_names, output_names,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
-            program = torch.onnx.export(module.eval(), args, dynamo=True, input_names=list(input_names),
-                                        output_names=list(output_names), dynamic_shapes=dynamic_shapes,
-                                        custom_translation_table=custom_translation_table(), verbose=False)
+            return torch.onnx.export(module.eval(), args, dynamo=True, input_names=list(input_names),
+                                     output_names=list(output_names), dynamic_shapes=dynamic_shapes,
+                                     custom_translation_table=custom_translation_table(), verbose=False)
     finally:
         registration.setLevel(level)
-    model = program.model_proto
+
+
+def export(module: torch.nn.Module, args: tuple, input_names, output_names,
+           dynamic_shapes=None) -> onnx.ModelProto:
+    """The exported graph as an in-memory ModelProto (graphs under 2 GB); passes onnx.checker."""
+    model = export_program(module, args, input_names, output_names, dynamic_shapes).model_proto
     onnx.checker.check_model(model)
     return model
+
+
+def save(program, path, external_data: bool | None = None) -> None:
+    """Write an exported graph, its weights as external data when over 2 GB (or when asked), then check it
+    and run shape inference on the file, which works at any size."""
+    from pathlib import Path
+    path = Path(path)
+    program.save(path, external_data=external_data)
+    onnx.checker.check_model(str(path))
+    inferred = path.with_name(path.name + ".inferred")
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+    finally:
+        inferred.unlink(missing_ok=True)

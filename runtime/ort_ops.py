@@ -116,7 +116,9 @@ def session(model, providers: list[str] | None = None):
         if not any(node.domain == contract.DOMAIN for node in model.graph.node):
             del model
             return ort.InferenceSession(path, options, providers=providers)
-        onnx.load_external_data_for_model(model, str(Path(path).parent))
+        # the retargeted graph goes in as bytes; its weights stay in the external-data file beside it
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(Path(path).parent))
         return ort.InferenceSession(for_onnxruntime(model, copy=False).SerializeToString(), options,
                                     providers=providers)
     return ort.InferenceSession(for_onnxruntime(model).SerializeToString(), options, providers=providers)

@@ -56,14 +56,14 @@ def test_rebuild_with_the_same_inputs_is_reused(built):
 def test_interrupted_build_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
     from iwp.export import graphs
     calls = []
-    original = graphs.export
+    original = graphs.export_program
 
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
-    monkeypatch.setattr(graphs, "export", failing)
+    monkeypatch.setattr(graphs, "export_program", failing)
     with pytest.raises(KeyboardInterrupt):
         build(SPEC, tmp_path, progress=lambda _: None)
     assert list(tmp_path.iterdir()) == []
@@ -157,3 +157,15 @@ def test_fp16_engine_is_fp16_in_the_file_and_keeps_the_references_tokens(tmp_pat
     reference, pre = model.generate(batch, method, method.plan(model.n_layers, batch.n_visual, 32), 8)
     assert kept[0].tolist() == pre.kept[0].tolist()
     assert ids[0] == reference[0, 0].item()
+
+
+def test_external_data_engine_loads_and_generates_the_same_tokens(pipeline, tmp_path):
+    """The >2 GB path, forced on a small model: weights in side files, checked and loaded by path."""
+    spec = EngineSpec("tiny-llava-ov", "iwp", 64, max_text_tokens=96, max_new_tokens=32, external_data=True)
+    directory = build(spec, tmp_path, progress=lambda _: None)
+    data = sorted(p.name for p in directory.iterdir() if p.suffix == ".data")
+    assert {"prefill.onnx.data", "decode.onnx.data"} <= set(data)
+    assert set(data) <= set(read_manifest(directory)["files"])  # the side files are hashed too
+    external = Pipeline.from_engine(directory)
+    prompt = "What colour is the circle?"
+    assert external.generate_ids(demo_image(5), prompt, 8)[0] == pipeline.generate_ids(demo_image(5), prompt, 8)[0]
