@@ -5,12 +5,10 @@ live only in the `ai.onnx.contrib` domain: `for_onnxruntime()` retargets the `iw
 memory*; the file on disk keeps domain `iwp`, which TensorRT's parser maps to the plugin.
 
 The extensions' Python ops take no fp16 inputs, so in an FP16 graph the in-memory copy casts the node's
-activations to fp32 first; the op scores in fp32 anyway. IWP runs on the compiled kernel (cpu.cpp); the
-other methods on the PyTorch reference.
+activations to fp32 first; the op scores in fp32 anyway. Every method runs on the compiled kernel (cpu.cpp).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
@@ -30,7 +28,6 @@ def _select(arrays, node_attrs):
 
     from iwp.plugins.visual_token_select import cpu
     from iwp.plugins.visual_token_select.contract import method_from_attributes
-    from iwp.plugins.visual_token_select.torch_op import visual_token_select
     from iwp.plugins.visual_token_select.view import LayerView
 
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
@@ -38,11 +35,8 @@ def _select(arrays, node_attrs):
     keep, layer = int(node_attrs["keep"]), int(node_attrs.get("layer_index", 0))
     stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
     method = method_from_attributes({"method": node_attrs["method"], **options})
-    if method.name == "iwp":  # the compiled kernel
-        view = LayerView(*tensors[:8], tensors[11].shape[1], *tensors[8:], layer, stage, n_stages)
-        return cpu.iwp_select(view, method.config, keep).numpy()
-    return visual_token_select(*tensors, node_attrs["method"], keep, layer, stage, n_stages,
-                               json.dumps(options)).numpy()
+    view = LayerView(*tensors[:8], tensors[11].shape[1], *tensors[8:], layer, stage, n_stages)
+    return cpu.select(method, view, keep).numpy()  # the compiled kernel (cpu.cpp)
 
 
 def register() -> str:

@@ -157,3 +157,11 @@ def test_invalid_config_values(name, options, field):
 def test_default_config_is_valid(name):
     method = make_method(name)
     assert isinstance(method.config, METHODS[name].Config)
+
+
+def test_dart_ranks_a_nan_token_last():
+    view = synthetic_view(B=1, N=12, seed=4, ttv=False)
+    bad = int(view.visual_start[0]) + 5
+    view.hidden[0, bad] = float("nan")
+    out = make_method("dart", pivots=2).select(view, 6)[0].tolist()
+    assert 5 not in out and len(set(out)) == 6

@@ -83,15 +83,15 @@ def test_exported_node_runs_on_onnxruntime_with_reference_indices(name):
     assert indices.tolist() == method.select(view, 7).tolist()
 
 
-def test_onnxruntime_runs_iwp_through_the_compiled_kernel(monkeypatch):
+def test_onnxruntime_runs_through_the_compiled_kernel(monkeypatch):
     from iwp.plugins.visual_token_select import cpu
     calls = []
-    original = cpu.iwp_select
+    original = cpu.select
 
-    def counting(view, config, keep):
+    def counting(method, view, keep):
         calls.append(keep)
-        return original(view, config, keep)
-    monkeypatch.setattr(cpu, "iwp_select", counting)
+        return original(method, view, keep)
+    monkeypatch.setattr(cpu, "select", counting)
     view = synthetic_view(B=2, N=30, Q=3, seed=5)
     method = make_method("iwp")
     model = _export(SelectOnly(method, keep=9), _inputs(view))

@@ -60,8 +60,9 @@ class DART(SingleStage):
         key_norm = view.visual(view.k).float().norm(dim=-1).mean(dim=1)        # [B, N]
         pivots = top_k_sorted(key_norm, n_pivots)                              # [B, p]
         hidden = view.visual(view.hidden)
-        dup = rankable(cosine_to(hidden, pivots).amax(dim=-1))                 # [B, N]
-        score = (-dup).scatter(1, pivots, float("inf"))                        # pivots always stay
+        # least duplicated first; a NaN similarity ranks last (rankable after the sign flip)
+        score = rankable(-cosine_to(hidden, pivots).amax(dim=-1))              # [B, N]
+        score = score.scatter(1, pivots, float("inf"))                         # pivots always stay
         return top_k_sorted(score, keep)
 
 

@@ -1,15 +1,16 @@
-"""The compiled CPU kernel (cpu.cpp) behind the reference's interface: IWP selection on a LayerView."""
+"""The compiled CPU kernel (cpu.cpp) behind the reference's interface: any method on a LayerView."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
 
-from .iwp import IWPConfig
 from .view import LayerView
 
 
-def iwp_select(view: LayerView, config: IWPConfig, keep: int) -> torch.Tensor:
-    """[B, keep] int64 indices, ascending: the same contract and rules as IWP.select, in C++."""
+def select(method, view: LayerView, keep: int) -> torch.Tensor:
+    """[B, keep] int64 indices, ascending: the same contract and rules as method.select, in C++."""
     from . import _cpu
 
     def f32(t: torch.Tensor) -> np.ndarray:
@@ -18,9 +19,12 @@ def iwp_select(view: LayerView, config: IWPConfig, keep: int) -> torch.Tensor:
     def i64(t: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(t.detach().long().cpu().numpy())
 
-    out = _cpu.iwp_select(f32(view.q), f32(view.k), f32(view.k_rot), f32(view.v),
-                          np.ascontiguousarray(view.key_mask.cpu().numpy().astype(np.uint8)), i64(view.visual_start),
-                          i64(view.query_idx), np.ascontiguousarray(view.query_mask.cpu().numpy().astype(np.uint8)),
-                          i64(view.last_idx), view.n_visual, keep, config.lam, config.chunk, config.growth,
-                          config.queries)
+    def u8(t: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.uint8))
+
+    ttv = view.ttv if view.ttv is not None else torch.zeros(view.hidden.shape[0], view.n_visual)
+    out = _cpu.select(method.name, f32(view.hidden), f32(view.q), f32(view.k), f32(view.q_rot), f32(view.k_rot),
+                      f32(view.v), u8(view.key_mask), i64(view.visual_start), i64(view.query_idx),
+                      u8(view.query_mask), i64(view.last_idx), f32(view.visual_xy), f32(ttv), keep, view.stage,
+                      view.n_stages, dataclasses.asdict(method.config))
     return torch.from_numpy(out)
