@@ -13,8 +13,7 @@ from torch import Tensor
 @torch.no_grad()
 def adjacent_layer_change(model, embeds: Tensor, batch) -> Tensor:
     """[L] mean (1 − cosine) of the visual hidden states between the input and output of each layer."""
-    hidden = model.hf.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                           position_ids=batch.positions, output_hidden_states=True).hidden_states
+    hidden = model.hidden_states(embeds, batch)
     idx = batch.visual_start[:, None] + torch.arange(batch.n_visual)[None]
     visual = [h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1])).float() for h in hidden]
     # hidden_states[-1] has the final norm applied; the pre-norm output of the last layer is not exposed,

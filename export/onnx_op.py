@@ -45,9 +45,8 @@ def register_schema() -> None:
 def translate(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx, query_mask, last_idx,
               visual_xy, ttv, method: str, keep: int, layer_index: int, stage: int, n_stages: int, options: str):
     """torch.ops.iwp.visual_token_select -> one iwp::VisualTokenSelect node with typed attributes."""
-    attrs = {"method": method, "keep": keep, "layer_index": layer_index, "stage": stage, "n_stages": n_stages,
-             "plugin_namespace": contract.PLUGIN_NAMESPACE, "plugin_version": contract.PLUGIN_VERSION}
-    attrs = contract.complete_attributes({**attrs, **json.loads(options)})
+    attrs = contract.complete_attributes(
+        {**contract.core_attributes(method, keep, layer_index, stage, n_stages), **json.loads(options)})
     return IWP_OPSET.VisualTokenSelect(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx,
                                        query_mask, last_idx, visual_xy, ttv, **attrs)
 

@@ -42,38 +42,43 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 def ablate(model: PrunedLlavaOnevision, batch: Batch, budget: int, base: IWPConfig = IWPConfig()) -> str:
     embeds = model.embed(batch)
     log_p_full = torch.log_softmax(model.prefill(embeds, batch).logits[:, -1].float(), dim=-1)
+    hidden = model.hidden_states(embeds, batch)
     lines = ["| variant | recon error @ own layer | KL next-token | Jaccard vs greedy c=1 | steps | select ms |",
              "|---|---|---|---|---|---|"]
     for name, config in variants(base):
-        method = IWP(config)
+        method = Recording(config)
         plan = method.plan(model.n_layers, batch.n_visual, budget)
-        pre = model.prefill(embeds, batch, method, plan)
+        # native_select calls method.select itself (the op would rebuild the method from its attributes)
+        pre = model.prefill(embeds, batch, method, plan, native_select=True)
         greedy = model.prefill(embeds, batch, IWP(dataclasses.replace(config, chunk=1, growth=1.0)), plan)
         log_p = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)
         kl = float(torch.nn.functional.kl_div(log_p, log_p_full, log_target=True, reduction="batchmean"))
-        recon = layer_attention_error(model, embeds, batch, config.layer, pre.kept[0])
+        recon = layer_attention_error(model, hidden, batch, config.layer, pre.kept[0])
         steps = 1 if config.lam == 1.0 else len(chunk_schedule(budget, config.chunk, config.growth))
-        select_ms = _time_select(model, embeds, batch, method, plan)
+        select_ms = method.median_select_ms()
         lines.append(f"| {name} | {recon:.4f} | {kl:.3e} | {_jaccard(pre.kept[0], greedy.kept[0]):.3f} | "
                      f"{steps} | {select_ms:.2f} |")
     return "\n".join(lines)
 
 
-def _time_select(model, embeds, batch, method, plan) -> float:
-    """Median time of the method's select() alone, on the views it sees in the prefill."""
-    views = []
-    original = method.select
+class Recording(IWP):
+    """IWP that keeps the views it selects on, so select() alone can be timed after the prefill."""
 
-    def capture(view, keep):
-        views.append((view, keep))
-        return original(view, keep)
-    method.select = capture
-    model.prefill(embeds, batch, method, plan)
-    method.select = original
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for view, keep in views:
-            original(view, keep)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    def __init__(self, config: IWPConfig):
+        super().__init__(config)
+        self.calls: list[tuple] = []
+
+    def select(self, view, keep):
+        self.calls.append((view, keep))
+        return super().select(view, keep)
+
+    def median_select_ms(self, repeats: int = 5) -> float:
+        if not self.calls:
+            raise RuntimeError("select() was never called; nothing to time")
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for view, keep in self.calls:
+                IWP.select(self, view, keep)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3

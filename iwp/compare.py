@@ -33,10 +33,9 @@ class Row:
 
 
 @torch.no_grad()
-def layer_attention_error(model: PrunedLlavaOnevision, embeds, batch: Batch, layer: int, kept) -> float:
-    """Relative error of layer `layer`'s attention output for the instruction queries, kept set vs all tokens."""
-    hidden = model.hf.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                           position_ids=batch.positions, output_hidden_states=True).hidden_states
+def layer_attention_error(model: PrunedLlavaOnevision, hidden, batch: Batch, layer: int, kept) -> float:
+    """Relative error of layer `layer`'s attention output for the instruction queries, kept set vs all tokens.
+    `hidden` is model.hidden_states(...) of the unpruned run, computed once per batch by the caller."""
     block = model.layers[layer]
     _, _, v, q_rot, k_rot = model._qkv(block, hidden[layer], batch.positions)
     b, t = batch.input_ids.shape
@@ -65,6 +64,7 @@ def compare(model: PrunedLlavaOnevision, batch: Batch, budget: int, methods: lis
     n = batch.n_visual
     full_flops = prefill_flops((n,) * model.n_layers, d, m)
     base = model.prefill(embeds, batch)
+    hidden = model.hidden_states(embeds, batch)
     log_p_full = torch.log_softmax(base.logits[:, -1].float(), dim=-1)
     rows = []
     for name in methods:
@@ -80,7 +80,7 @@ def compare(model: PrunedLlavaOnevision, batch: Batch, budget: int, methods: lis
         pre = model.prefill(embeds, batch, method, plan)
         log_p = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)
         kl = float(F.kl_div(log_p, log_p_full, log_target=True, reduction="batchmean"))
-        recon = layer_attention_error(model, embeds, batch, layer, pre.kept[-1])
+        recon = layer_attention_error(model, hidden, batch, layer, pre.kept[-1])
         flops = prefill_flops(plan.tokens_per_layer, d, m)
         rows.append(Row(name, recon, kl, plan.tokens_per_layer, flops, flops / full_flops))
     return rows

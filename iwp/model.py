@@ -79,6 +79,13 @@ class PrunedLlavaOnevision(torch.nn.Module):
         slots = (batch.input_ids == cfg.image_token_id)[..., None].expand_as(embeds)
         return embeds.masked_scatter(slots, feats)
 
+    @torch.no_grad()
+    def hidden_states(self, embeds: Tensor, batch: Batch) -> tuple[Tensor, ...]:
+        """The unpruned LM's hidden states: the input of every decoder layer, then the final normed output
+        (HF's own forward, for the fidelity and calibration tools)."""
+        return self.hf.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                            position_ids=batch.positions, output_hidden_states=True).hidden_states
+
     def _qkv(self, layer, h: Tensor, positions: Tensor):
         b, t, _ = h.shape
         attn = layer.self_attn

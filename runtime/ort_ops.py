@@ -17,7 +17,6 @@ from iwp.plugins.visual_token_select import contract
 
 ORT_DOMAIN = "ai.onnx.contrib"
 _ACTIVATIONS = ("hidden", "q", "k", "q_rot", "k_rot", "v")  # the inputs of type T in the schema
-_CORE = ("method", "keep", "layer_index", "stage", "n_stages", "plugin_namespace", "plugin_version")
 _registered = False
 
 
@@ -31,7 +30,7 @@ def _select(arrays, node_attrs):
     from iwp.plugins.visual_token_select.view import LayerView
 
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-    options = {k: v for k, v in node_attrs.items() if k not in _CORE}   # method_from_attributes keeps its own
+    options = {k: v for k, v in node_attrs.items() if k not in contract.CORE_ATTRIBUTES}   # method_from_attributes keeps its own
     keep, layer = int(node_attrs["keep"]), int(node_attrs.get("layer_index", 0))
     stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
     method = method_from_attributes({"method": node_attrs["method"], **options})

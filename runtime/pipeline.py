@@ -69,6 +69,14 @@ class Sampler:
         return int(order[keep][self.rng.choice(len(p_kept), p=p_kept)])
 
 
+def _prefill_feeds(batch, embeds: np.ndarray) -> dict:
+    """The prefill graph's inputs (export/graphs.PREFILL_INPUTS) for a padded batch."""
+    return {"inputs_embeds": embeds, "attention_mask": batch.attention_mask.numpy(),
+            "positions": batch.positions.numpy(), "visual_start": batch.visual_start.numpy(),
+            "query_idx": batch.query_idx.numpy(), "query_mask": batch.query_mask.numpy(),
+            "last_idx": batch.last_idx.numpy()}
+
+
 class Pipeline:
     def __init__(self, directory: Path, manifest: dict, processor, sessions: dict):
         self.directory, self.manifest, self.processor, self.sessions = directory, manifest, processor, sessions
@@ -133,43 +141,34 @@ class Pipeline:
         (features,) = s["vision"].run(None, {"pixel_values": batch.pixel_values.numpy()})
         start, n = int(batch.visual_start[0]), batch.n_visual
         embeds[0, start:start + n] = features[0]
-        feeds = {"inputs_embeds": embeds, "attention_mask": batch.attention_mask.numpy(),
-                 "positions": batch.positions.numpy(), "visual_start": batch.visual_start.numpy(),
-                 "query_idx": batch.query_idx.numpy(), "query_mask": batch.query_mask.numpy(),
-                 "last_idx": batch.last_idx.numpy()}
-        logits, *rest = s["prefill"].run(None, feeds)
+        logits, *rest = s["prefill"].run(None, _prefill_feeds(batch, embeds))
         n_stages = len(self.manifest["method"]["stages"])
         kept, past = rest[:n_stages], rest[n_stages:]
         eos = self.manifest["tokens"]["eos"]
         position = np.array([int(batch.positions[0, -1]) + 1])
-        tokens = [sampler(logits[0, -1])]
         names = [i.name for i in s["decode"].get_inputs()]
-        for step in range(steps - 1):
+        token, tokens = sampler(logits[0, -1]), []
+        for step in range(steps):
+            tokens.append(token)
             if on_token:
-                on_token(tokens[-1])
-            if tokens[-1] == eos:
+                on_token(token)
+            if token == eos or step == steps - 1:
                 break
-            (token_embed,) = s["embed"].run(None, {"input_ids": np.array([[tokens[-1]]])})
+            (token_embed,) = s["embed"].run(None, {"input_ids": np.array([[token]])})
             logits, *past = s["decode"].run(None, dict(zip(names, [token_embed, position + step,
                                                                    np.array(step, dtype=np.int64), *past])))
-            tokens.append(sampler(logits[0]))
-        else:
-            if on_token:
-                on_token(tokens[-1])
+            token = sampler(logits[0])
         return tokens, kept
 
     def time_stages(self, image, prompt: str, repeats: int = 5) -> dict:
-        """Median seconds of the vision and prefill graphs on one input, after a warm-up run (a benchmark
-        helper; the full per-stage profiler is `iwp profile`)."""
+        """Median seconds of the vision and prefill graphs on one input, after a warm-up run (used by
+        `iwp bench-prefill`)."""
         import statistics
         import time
         batch = self._prepare(image, prompt)
         s = self.sessions
         (embeds,) = s["embed"].run(None, {"input_ids": batch.input_ids.numpy()})
-        feeds = {"inputs_embeds": embeds, "attention_mask": batch.attention_mask.numpy(),
-                 "positions": batch.positions.numpy(), "visual_start": batch.visual_start.numpy(),
-                 "query_idx": batch.query_idx.numpy(), "query_mask": batch.query_mask.numpy(),
-                 "last_idx": batch.last_idx.numpy()}
+        feeds = _prefill_feeds(batch, embeds)  # unmerged embeddings: same shapes, same work
         runs = {"vision": lambda: s["vision"].run(None, {"pixel_values": batch.pixel_values.numpy()}),
                 "prefill": lambda: s["prefill"].run(None, feeds)}
         out = {}

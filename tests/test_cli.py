@@ -90,3 +90,10 @@ def test_stage_layers_follow_the_change_profile():
     assert flat == (2, 4, 6)  # equal quantiles of a uniform profile
     with pytest.raises(ValueError, match="n_stages"):
         choose_stage_layers(change, 8)
+
+
+def test_ablate_times_real_selections(capsys):
+    code, out, _ = run(capsys, "ablate", "--budget", "32", "--images", "1")
+    assert code == 0
+    default = next(line for line in out.splitlines() if line.startswith("| default |"))
+    assert float(default.strip("| ").split("|")[-1]) > 0  # select ms: the recorded views were timed

@@ -53,15 +53,25 @@ def method_attributes() -> dict[str, type]:
     return out
 
 
-def node_attributes(method, keep: int, layer_index: int, stage: int, n_stages: int) -> dict:
-    """The attributes of one node: the core ones plus the method's options (None options are omitted)."""
-    attrs = {"method": method.name, "keep": keep, "layer_index": layer_index, "stage": stage,
-             "n_stages": n_stages, "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
-    for field in dataclasses.fields(method.config):
-        value = getattr(method.config, field.name)
+def core_attributes(method: str, keep: int, layer_index: int, stage: int, n_stages: int) -> dict:
+    """The attributes every node carries beside the method's options."""
+    return {"method": method, "keep": keep, "layer_index": layer_index, "stage": stage, "n_stages": n_stages,
+            "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+
+
+def method_options(config) -> dict:
+    """A method config as attribute values (tuples become lists; None options are omitted)."""
+    options = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
         if value is not None:
-            attrs[field.name] = list(value) if isinstance(value, tuple) else value
-    return attrs
+            options[field.name] = list(value) if isinstance(value, tuple) else value
+    return options
+
+
+def node_attributes(method, keep: int, layer_index: int, stage: int, n_stages: int) -> dict:
+    """The attributes of one node: the core ones plus the method's options."""
+    return {**core_attributes(method.name, keep, layer_index, stage, n_stages), **method_options(method.config)}
 
 
 _NEUTRAL = {bool: 0, int: 0, float: 0.0, str: ""}

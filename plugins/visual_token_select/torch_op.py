@@ -11,7 +11,7 @@ import json
 import torch
 from torch import Tensor
 
-from .contract import method_from_attributes, node_attributes
+from .contract import method_from_attributes, method_options
 from .view import LayerView
 
 
@@ -34,11 +34,8 @@ def _(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx, query_ma
 
 def select(method, view: LayerView, keep: int) -> Tensor:
     """Run `method` on `view` through the op: [B, keep] sorted indices into the visual tokens."""
-    attrs = node_attributes(method, keep, view.layer, view.stage, view.n_stages)
-    options = {k: v for k, v in attrs.items() if k not in ("method", "keep", "layer_index", "stage", "n_stages",
-                                                          "plugin_namespace", "plugin_version")}
     ttv = view.ttv if view.ttv is not None else view.hidden.new_zeros(view.hidden.shape[0], view.n_visual)
     return torch.ops.iwp.visual_token_select(
         view.hidden, view.q, view.k, view.q_rot, view.k_rot, view.v, view.key_mask, view.visual_start,
         view.query_idx, view.query_mask, view.last_idx, view.visual_xy, ttv.float(), method.name, keep,
-        view.layer, view.stage, view.n_stages, json.dumps(options, sort_keys=True))
+        view.layer, view.stage, view.n_stages, json.dumps(method_options(method.config), sort_keys=True))
