@@ -20,7 +20,11 @@ ENGINE_ARGS := --model $(MODEL) --method $(METHOD) \
 	$(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") $(if $(filter 1,$(RANDOM_WEIGHTS)),--random-weights) \
 	--select $(SELECT) --dtype $(DTYPE)
 
-.PHONY: engine test test-slow compare bench-select clean
+TENSORRT_ROOT ?=
+PLUGIN_BUILD := build/plugins
+NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+
+.PHONY: engine test test-slow test-gpu compare bench-select bench-cuda plugins clean
 
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
 $(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp
@@ -33,8 +37,30 @@ $(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp
 engine: $(STAMP)
 	$(PY) -m iwp engine $(ENGINE_ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+# The CUDA kernels always compile where nvcc is (sm_87 Orin, sm_89, sm_90); the TensorRT plugin needs
+# TensorRT's headers (TENSORRT_ROOT, or JetPack's system paths). Each skip is said in one line.
+plugins: $(STAMP)
+ifeq ($(NVCC),)
+	@echo "iwp: nvcc not found: skipping the CUDA kernels and the TensorRT plugin"
+else
+	@mkdir -p build
+	$(VENV)/bin/cmake -S plugins -B $(PLUGIN_BUILD) -DCMAKE_CUDA_COMPILER=$(NVCC) \
+		$(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) > $(PLUGIN_BUILD).log
+	$(VENV)/bin/cmake --build $(PLUGIN_BUILD) -j2
+	@test -f $(PLUGIN_BUILD)/libiwp_trt_plugins.so \
+		&& echo "iwp: built $(PLUGIN_BUILD)/libiwp_trt_plugins.so ($$(grep -o 'TensorRT plugin against.*' $(PLUGIN_BUILD).log))" \
+		|| echo "iwp: TensorRT not found (set TENSORRT_ROOT): skipped the TensorRT plugin; built the CUDA kernels"
+endif
+
+test: $(STAMP) plugins
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+# On a machine with an NVIDIA GPU: the CUDA kernels against the reference, at LLaVA-OV-7B shapes.
+test-gpu: $(STAMP) plugins
+	$(PY) -m pytest -q -m gpu
+
+bench-cuda: $(STAMP) plugins
+	$(PY) -m iwp bench-cuda
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import onnxscript
 from onnx import defs
 
@@ -16,7 +17,7 @@ from iwp.plugins.visual_token_select import contract
 _ONNX_ATTR = {bool: defs.OpSchema.AttrType.INT, int: defs.OpSchema.AttrType.INT,
               float: defs.OpSchema.AttrType.FLOAT, str: defs.OpSchema.AttrType.STRING,
               tuple: defs.OpSchema.AttrType.INTS}
-_INPUT_TYPES = {"key_mask": "B", "query_mask": "B", "visual_start": "I", "query_idx": "I", "last_idx": "I",
+_INPUT_TYPES = {"key_mask": "M", "query_mask": "M", "visual_start": "I", "query_idx": "I", "last_idx": "I",
                 "visual_xy": "F", "ttv": "F"}
 
 IWP_OPSET = onnxscript.values.Opset(contract.DOMAIN, contract.OP_VERSION)
@@ -31,7 +32,7 @@ def schema() -> defs.OpSchema:
         doc="Select `keep` of the N visual tokens; see plugins/visual_token_select/README.md.",
         inputs=inputs, outputs=[defs.OpSchema.FormalParameter(contract.OUTPUT, "I")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
-                          ("F", ["tensor(float)"], "fp32 side inputs"), ("B", ["tensor(bool)"], "masks"),
+                          ("F", ["tensor(float)"], "fp32 side inputs"), ("M", ["tensor(int32)"], "masks (TensorRT plugins take no bool)"),
                           ("I", ["tensor(int64)"], "positions and the output indices")],
         attributes=attributes)
 
@@ -44,9 +45,12 @@ def register_schema() -> None:
 
 def translate(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx, query_mask, last_idx,
               visual_xy, ttv, method: str, keep: int, layer_index: int, stage: int, n_stages: int, options: str):
-    """torch.ops.iwp.visual_token_select -> one iwp::VisualTokenSelect node with typed attributes."""
+    """torch.ops.iwp.visual_token_select -> one iwp::VisualTokenSelect node with typed attributes. The bool
+    masks are cast to int32 first: TensorRT plugins take no bool tensors."""
+    from onnxscript import opset18 as op
     attrs = contract.complete_attributes(
         {**contract.core_attributes(method, keep, layer_index, stage, n_stages), **json.loads(options)})
+    key_mask, query_mask = (op.Cast(m, to=onnx.TensorProto.INT32) for m in (key_mask, query_mask))
     return IWP_OPSET.VisualTokenSelect(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, query_idx,
                                        query_mask, last_idx, visual_xy, ttv, **attrs)
 

@@ -30,6 +30,8 @@ def _select(arrays, node_attrs):
     from iwp.plugins.visual_token_select.view import LayerView
 
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    for mask in (contract.INPUTS.index("key_mask"), contract.INPUTS.index("query_mask")):
+        tensors[mask] = tensors[mask] != 0  # int32 on the node (TensorRT plugins take no bool)
     options = {k: v for k, v in node_attrs.items() if k not in contract.CORE_ATTRIBUTES}   # method_from_attributes keeps its own
     keep, layer = int(node_attrs["keep"]), int(node_attrs.get("layer_index", 0))
     stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
@@ -47,7 +49,7 @@ def register() -> str:
                   str: PyCustomOpDef.dt_string}
         attrs = {name: scalar[kind] for name, kind in {**contract.CORE_ATTRIBUTES,
                                                        **contract.method_attributes()}.items() if kind in scalar}
-        fixed = {"key_mask": PyCustomOpDef.dt_bool, "query_mask": PyCustomOpDef.dt_bool,
+        fixed = {"key_mask": PyCustomOpDef.dt_int32, "query_mask": PyCustomOpDef.dt_int32,
                  "visual_start": PyCustomOpDef.dt_int64, "query_idx": PyCustomOpDef.dt_int64,
                  "last_idx": PyCustomOpDef.dt_int64, "visual_xy": PyCustomOpDef.dt_float,
                  "ttv": PyCustomOpDef.dt_float}

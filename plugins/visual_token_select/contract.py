@@ -18,7 +18,8 @@ OP_VERSION = 1
 PLUGIN_NAMESPACE = "iwp"
 PLUGIN_VERSION = "1"
 
-# Input order of the node (LayerView's fields). ttv is zeros for methods that do not track it.
+# Input order of the node (LayerView's fields). ttv is zeros for methods that do not track it. On the node the
+# masks are int32, not bool: TensorRT plugins take no bool tensors.
 INPUTS = ("hidden", "q", "k", "q_rot", "k_rot", "v", "key_mask", "visual_start", "query_idx", "query_mask",
           "last_idx", "visual_xy", "ttv")
 OUTPUT = "indices"             # [B, keep] int64, ascending

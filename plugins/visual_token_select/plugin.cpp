@@ -1,0 +1,518 @@
+// The TensorRT plugin for iwp::VisualTokenSelect (see plugin.h). Compiles unchanged against TensorRT 10.3
+// (JetPack 6) and 11.x; the only version-dependent piece is guarded on NV_TENSORRT_MAJOR.
+#include "plugin.h"
+
+#include <NvInferVersion.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <utility>
+
+using namespace nvinfer1;
+
+namespace iwp
+{
+namespace
+{
+
+char const* const kPluginName = "VisualTokenSelect"; // contract.OP_TYPE
+char const* const kPluginVersion = "1";              // contract.PLUGIN_VERSION
+char const* const kPluginNamespace = "iwp";          // contract.PLUGIN_NAMESPACE
+constexpr int32_t kNumInputs = kIwpVtsNumInputs;
+
+void report(std::string const& where, std::string const& message)
+{
+    std::fprintf(stderr, "[iwp] VisualTokenSelect %s: %s\n", where.c_str(), message.c_str());
+}
+
+bool isActivation(int32_t pos)
+{
+    return pos <= kIwpVtsV;
+}
+
+DataType fixedType(int32_t pos)
+{
+    switch (pos)
+    {
+    case kIwpVtsKeyMask:
+    case kIwpVtsQueryMask: return DataType::kINT32;
+    case kIwpVtsVisualStart:
+    case kIwpVtsQueryIdx:
+    case kIwpVtsLastIdx: return DataType::kINT64;
+    case kIwpVtsVisualXy:
+    case kIwpVtsTtv: return DataType::kFLOAT;
+    default: return DataType::kINT64; // the output
+    }
+}
+
+int32_t dtypeId(DataType type)
+{
+    switch (type)
+    {
+    case DataType::kFLOAT: return kIwpVtsFloat32;
+    case DataType::kHALF: return kIwpVtsFloat16;
+    case DataType::kBF16: return kIwpVtsBFloat16;
+    default: return -1;
+    }
+}
+
+std::string validate(IwpVtsParams const& params)
+{
+    char message[512];
+    return iwpVtsValidate(&params, message, sizeof(message)) == 0 ? std::string() : std::string(message);
+}
+
+} // namespace
+
+// ----------------------------------------------------------------------------------------------- Attributes
+
+std::vector<Attributes::Field> const& Attributes::schema()
+{
+    auto integer = [](char const* name, int32_t value) { return Field{name, PluginFieldType::kINT32, value, 0.0F, {}}; };
+    auto real = [](char const* name, float value) { return Field{name, PluginFieldType::kFLOAT32, 0, value, {}}; };
+    auto text = [](char const* name, char const* value) { return Field{name, PluginFieldType::kCHAR, 0, 0.0F, value}; };
+    // core attributes, then the methods' options with their Python defaults
+    static std::vector<Field> const fields{text("method", "iwp"), integer("keep", 0), integer("layer_index", 0),
+        integer("stage", 0), integer("n_stages", 1), text("plugin_namespace", kPluginNamespace),
+        text("plugin_version", kPluginVersion), integer("layer", 2), real("lam", 0.3F), integer("chunk", 4),
+        real("growth", 1.5F), text("queries", "instruction"), real("attention_first", 0.3F),
+        real("attention_last", 0.9F), real("seed_fraction", 0.1F), integer("rebalance", 1), real("alpha", 0.5F),
+        integer("ttv_start", 0), integer("pivots", 8), integer("seed", 0)};
+    return fields;
+}
+
+Attributes::Field const& Attributes::get(char const* name) const
+{
+    for (Field const& field : mFields)
+    {
+        if (field.name == name)
+        {
+            return field;
+        }
+    }
+    std::terminate(); // only called with schema names
+}
+
+bool Attributes::parse(PluginFieldCollection const* fc, Attributes& out, std::string& error)
+{
+    for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i)
+    {
+        PluginField const& given = fc->fields[i];
+        auto field = std::find_if(out.mFields.begin(), out.mFields.end(),
+            [&](Field const& f) { return given.name != nullptr && f.name == given.name; });
+        if (field == out.mFields.end() || given.data == nullptr)
+        {
+            continue; // e.g. BTP's `layers` list, which the kernel does not need
+        }
+        bool ok = true;
+        switch (field->type)
+        {
+        case PluginFieldType::kCHAR:
+            ok = given.type == PluginFieldType::kCHAR;
+            if (ok)
+            {
+                std::string text(static_cast<char const*>(given.data), std::max<int32_t>(0, given.length));
+                field->text = text.substr(0, text.find('\0'));
+            }
+            break;
+        case PluginFieldType::kINT32:
+            if (given.type == PluginFieldType::kINT32)
+            {
+                field->integer = *static_cast<int32_t const*>(given.data);
+            }
+            else if (given.type == PluginFieldType::kINT64)
+            {
+                field->integer = static_cast<int32_t>(*static_cast<int64_t const*>(given.data));
+            }
+            else
+            {
+                ok = false;
+            }
+            break;
+        default:
+            if (given.type == PluginFieldType::kFLOAT32)
+            {
+                field->real = *static_cast<float const*>(given.data);
+            }
+            else if (given.type == PluginFieldType::kFLOAT64)
+            {
+                field->real = static_cast<float>(*static_cast<double const*>(given.data));
+            }
+            else
+            {
+                ok = false;
+            }
+        }
+        if (!ok)
+        {
+            error = "attribute '" + field->name + "' has the wrong type; re-export the graph with iwp";
+            return false;
+        }
+    }
+    return true;
+}
+
+IwpVtsParams Attributes::params(Dims const* inputs, DataType activations) const
+{
+    IwpVtsParams p{};
+    p.method = iwpVtsMethodId(get("method").text.c_str());
+    p.dtype = dtypeId(activations);
+    if (inputs != nullptr)
+    {
+        p.batch = inputs[kIwpVtsHidden].d[0];
+        p.tokens = inputs[kIwpVtsHidden].d[1];
+        p.width = inputs[kIwpVtsHidden].d[2];
+        p.queryHeads = inputs[kIwpVtsQ].d[1];
+        p.headDim = inputs[kIwpVtsQ].d[3];
+        p.kvHeads = inputs[kIwpVtsK].d[1];
+        p.visual = inputs[kIwpVtsVisualXy].d[1];
+        p.queries = inputs[kIwpVtsQueryIdx].d[1];
+    }
+    p.keep = get("keep").integer;
+    p.stage = get("stage").integer;
+    p.nStages = get("n_stages").integer;
+    p.lam = get("lam").real;
+    p.chunk = get("chunk").integer;
+    p.growth = get("growth").real;
+    p.queriesLast = get("queries").text == "last" ? 1 : 0;
+    p.rebalance = get("rebalance").integer;
+    p.pivots = get("pivots").integer;
+    p.seed = get("seed").integer;
+    p.alpha = get("alpha").real;
+    p.attentionFirst = get("attention_first").real;
+    p.attentionLast = get("attention_last").real;
+    p.seedFraction = get("seed_fraction").real;
+    return p;
+}
+
+PluginFieldCollection const* Attributes::collection()
+{
+    mView.clear();
+    for (Field const& field : mFields)
+    {
+        switch (field.type)
+        {
+        case PluginFieldType::kCHAR:
+            mView.emplace_back(field.name.c_str(), field.text.c_str(), PluginFieldType::kCHAR,
+                static_cast<int32_t>(field.text.size() + 1));
+            break;
+        case PluginFieldType::kINT32:
+            mView.emplace_back(field.name.c_str(), &field.integer, PluginFieldType::kINT32, 1);
+            break;
+        default: mView.emplace_back(field.name.c_str(), &field.real, PluginFieldType::kFLOAT32, 1);
+        }
+    }
+    mCollection.nbFields = static_cast<int32_t>(mView.size());
+    mCollection.fields = mView.data();
+    return &mCollection;
+}
+
+// -------------------------------------------------------------------------------------------------- Plugin
+
+VisualTokenSelectPlugin::VisualTokenSelectPlugin(std::string name, Attributes attributes)
+    : mName(std::move(name))
+    , mAttributes(std::move(attributes))
+{
+}
+
+IPluginCapability* VisualTokenSelectPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
+{
+    switch (type)
+    {
+    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
+    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
+    }
+    return nullptr;
+}
+
+IPluginV3* VisualTokenSelectPlugin::clone() noexcept
+{
+    try
+    {
+        auto* copy = new VisualTokenSelectPlugin(mName, mAttributes);
+        copy->mParams = mParams;
+        return copy;
+    }
+    catch (std::exception const& e)
+    {
+        report(mName, e.what());
+        return nullptr;
+    }
+}
+
+char const* VisualTokenSelectPlugin::getPluginName() const noexcept
+{
+    return kPluginName;
+}
+
+char const* VisualTokenSelectPlugin::getPluginVersion() const noexcept
+{
+    return kPluginVersion;
+}
+
+char const* VisualTokenSelectPlugin::getPluginNamespace() const noexcept
+{
+    return kPluginNamespace;
+}
+
+int32_t VisualTokenSelectPlugin::getNbOutputs() const noexcept
+{
+    return 1;
+}
+
+int32_t VisualTokenSelectPlugin::getOutputDataTypes(
+    DataType* outputTypes, int32_t nbOutputs, DataType const* /*inputTypes*/, int32_t nbInputs) const noexcept
+{
+    if (nbOutputs != 1 || nbInputs != kNumInputs)
+    {
+        report(mName, "expects 13 inputs and 1 output; re-export the graph with iwp");
+        return -1;
+    }
+    outputTypes[0] = DataType::kINT64;
+    return 0;
+}
+
+// [B, keep]: static whatever the values. keep > N is refused here when N is a build-time constant.
+int32_t VisualTokenSelectPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
+    DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
+    IExprBuilder& exprBuilder) noexcept
+{
+    if (nbInputs != kNumInputs || nbOutputs != 1 || inputs[kIwpVtsVisualXy].nbDims != 3)
+    {
+        report(mName, "expects 13 inputs (visual_xy [B, N, 2]) and 1 output; re-export the graph with iwp");
+        return -1;
+    }
+    int32_t const keep = mAttributes.get("keep").integer;
+    IDimensionExpr const* visual = inputs[kIwpVtsVisualXy].d[1];
+    if (keep < 1 || (visual->isConstant() && keep > visual->getConstantValue()))
+    {
+        report(mName, "keep=" + std::to_string(keep) + " must be in [1, N=" + std::to_string(visual->getConstantValue())
+            + "]; export with a budget of at most the visual token count");
+        return -1;
+    }
+    outputs[0].nbDims = 2;
+    outputs[0].d[0] = inputs[kIwpVtsHidden].d[0];
+    outputs[0].d[1] = exprBuilder.constant(keep);
+    return 0;
+}
+
+bool VisualTokenSelectPlugin::supportsFormatCombination(
+    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNumInputs || nbOutputs != 1 || pos < 0 || pos > kNumInputs)
+    {
+        return false;
+    }
+    PluginTensorDesc const& desc = inOut[pos].desc;
+    if (desc.format != TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    if (isActivation(pos))
+    {
+        // fp32, fp16 or bf16, the same for all six activations
+        return dtypeId(desc.type) >= 0 && (pos == 0 || desc.type == inOut[0].desc.type);
+    }
+    return desc.type == fixedType(pos);
+}
+
+int32_t VisualTokenSelectPlugin::configurePlugin(
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNumInputs || nbOutputs != 1)
+    {
+        report(mName, "expects 13 inputs and 1 output; re-export the graph with iwp");
+        return -1;
+    }
+    Dims dims[kNumInputs];
+    for (int32_t i = 0; i < kNumInputs; ++i)
+    {
+        dims[i] = in[i].max; // the export's shapes are static, so max == min == opt
+    }
+    std::string const error = validate(mAttributes.params(dims, in[0].desc.type));
+    if (!error.empty())
+    {
+        report(mName, error);
+        return -1;
+    }
+    return 0;
+}
+
+size_t VisualTokenSelectPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    if (nbInputs != kNumInputs)
+    {
+        return 0;
+    }
+    Dims dims[kNumInputs];
+    for (int32_t i = 0; i < kNumInputs; ++i)
+    {
+        dims[i] = inputs[i].max; // the largest shapes bound every layout
+    }
+    IwpVtsParams const params = mAttributes.params(dims, inputs[0].desc.type);
+    return iwpVtsWorkspaceSize(&params);
+}
+
+int32_t VisualTokenSelectPlugin::onShapeChange(
+    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+{
+    if (nbInputs != kNumInputs || nbOutputs != 1)
+    {
+        return -1;
+    }
+    Dims dims[kNumInputs];
+    for (int32_t i = 0; i < kNumInputs; ++i)
+    {
+        dims[i] = in[i].dims;
+    }
+    mParams = mAttributes.params(dims, in[0].type);
+    std::string const error = validate(mParams);
+    if (!error.empty())
+    {
+        report(mName, error);
+        return -1;
+    }
+    return 0;
+}
+
+int32_t VisualTokenSelectPlugin::enqueue(PluginTensorDesc const* /*inputDesc*/, PluginTensorDesc const* /*outputDesc*/,
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
+{
+    int32_t const status
+        = iwpVtsEnqueue(&mParams, inputs, static_cast<int64_t*>(outputs[0]), workspace, static_cast<void*>(stream));
+    if (status != 0)
+    {
+        report(mName, "kernel launch failed with status " + std::to_string(status));
+        return -1;
+    }
+    return 0;
+}
+
+IPluginV3* VisualTokenSelectPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
+{
+    return clone();
+}
+
+PluginFieldCollection const* VisualTokenSelectPlugin::getFieldsToSerialize() noexcept
+{
+    return mAttributes.collection();
+}
+
+// ------------------------------------------------------------------------------------------------- Creator
+
+VisualTokenSelectCreator::VisualTokenSelectCreator()
+{
+    for (Attributes::Field const& field : Attributes::schema())
+    {
+        mFieldNames.emplace_back(field.name.c_str(), nullptr, field.type, 1);
+    }
+    mCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
+    mCollection.fields = mFieldNames.data();
+    // A plugin built against one TensorRT major version must not run under another: the plugin ABI differs.
+    int32_t const runtimeMajor = getInferLibMajorVersion();
+    if (runtimeMajor != NV_TENSORRT_MAJOR)
+    {
+        mVersionError = "this plugin library was built for TensorRT " + std::to_string(NV_TENSORRT_MAJOR) + "."
+            + std::to_string(NV_TENSORRT_MINOR) + " but TensorRT " + std::to_string(runtimeMajor)
+            + ".x is loaded; rebuild it with `make plugins TENSORRT_ROOT=<that TensorRT>`";
+        report("library", mVersionError);
+    }
+}
+
+char const* VisualTokenSelectCreator::getPluginName() const noexcept
+{
+    return kPluginName;
+}
+
+char const* VisualTokenSelectCreator::getPluginVersion() const noexcept
+{
+    return kPluginVersion;
+}
+
+char const* VisualTokenSelectCreator::getPluginNamespace() const noexcept
+{
+    return kPluginNamespace;
+}
+
+PluginFieldCollection const* VisualTokenSelectCreator::getFieldNames() noexcept
+{
+    return &mCollection;
+}
+
+IPluginV3* VisualTokenSelectCreator::createPlugin(char const* name, PluginFieldCollection const* fc, TensorRTPhase phase) noexcept
+{
+    std::string const where = name ? name : kPluginName;
+    if (!mVersionError.empty())
+    {
+        report(where, mVersionError);
+        return nullptr;
+    }
+    try
+    {
+        Attributes attributes;
+        std::string error;
+        if (!Attributes::parse(fc, attributes, error))
+        {
+            report(where, error);
+            return nullptr;
+        }
+        if (phase == TensorRTPhase::kBUILD)
+        {
+            std::string const method = attributes.get("method").text;
+            std::string const queries = attributes.get("queries").text;
+            if (iwpVtsMethodId(method.c_str()) < 0)
+            {
+                report(where, "unknown method '" + method
+                        + "'; choose one of iwp, fastv, dart, divprune, random, transprune, btp");
+                return nullptr;
+            }
+            if (queries != "instruction" && queries != "last")
+            {
+                report(where, "queries='" + queries + "' must be 'instruction' or 'last'");
+                return nullptr;
+            }
+            if (attributes.get("plugin_version").text != kPluginVersion)
+            {
+                report(where, "the node asks for plugin version '" + attributes.get("plugin_version").text
+                        + "' but this library provides '" + kPluginVersion + "'; rebuild the plugin or re-export");
+                return nullptr;
+            }
+            // Options are checked before any shape is known, against a stand-in shape as large as `keep`.
+            IwpVtsParams params = attributes.params(nullptr, DataType::kFLOAT);
+            params.batch = params.queryHeads = params.kvHeads = params.headDim = params.width = params.queries = 1;
+            params.visual = params.tokens = std::max<int64_t>(1, params.keep);
+            params.dtype = kIwpVtsFloat32;
+            std::string const bad = validate(params);
+            if (!bad.empty())
+            {
+                report(where, bad);
+                return nullptr;
+            }
+        }
+        return new VisualTokenSelectPlugin(where, std::move(attributes));
+    }
+    catch (std::exception const& e)
+    {
+        report(where, e.what());
+        return nullptr;
+    }
+}
+
+// Static registration: loading the library registers the creator (polygraphy --plugins, ctypes, trtexec
+// --staticPlugins, IPluginRegistry::loadLibrary).
+REGISTER_TENSORRT_PLUGIN(VisualTokenSelectCreator);
+
+} // namespace iwp
+
+// What this library is, for loaders that check before use (iwp's engine builder does).
+extern "C" char const* iwpPluginInfo()
+{
+    static std::string const info = "VisualTokenSelect 1 iwp; TensorRT " + std::to_string(NV_TENSORRT_MAJOR) + "."
+        + std::to_string(NV_TENSORRT_MINOR) + "." + std::to_string(NV_TENSORRT_PATCH) + "; kernel ABI "
+        + std::to_string(IWP_VTS_ABI_VERSION);
+    return info.c_str();
+}

@@ -1,0 +1,231 @@
+"""The CUDA kernels and the TensorRT plugin.
+
+Without a GPU (CI): the kernels' library loads (its host side validates parameters and sizes workspaces),
+the plugin's attribute table matches the op contract, and the plugin compiles against TensorRT's headers
+where TENSORRT_ROOT names them. With a GPU (`make test-gpu`, marker gpu): the kernels return the same
+indices as the fp32 reference for every method, dtype and the LLaVA-OV-7B shapes.
+"""
+import ctypes
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import synthetic_view
+
+from iwp.plugins.visual_token_select import METHODS, contract, cpu, make_method
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "plugins" / "visual_token_select"
+
+try:
+    from iwp.plugins.visual_token_select import cuda
+    cuda.library()
+    _missing = None
+except (FileNotFoundError, OSError, RuntimeError) as error:   # no nvcc on this machine: said, not hidden
+    _missing = str(error)
+
+needs_library = pytest.mark.skipif(_missing is not None, reason=f"CUDA kernels not built: {_missing}")
+gpu = [pytest.mark.gpu, needs_library,
+       pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+def params_7b(method: str = "iwp", n: int = 1485, keep: int = 128, **changes):
+    view = synthetic_view(B=1, N=4, Q=2, Hq=28, Hkv=4, d=128, D=64)   # shapes only; N is set below
+    p = cuda.params(make_method(method), view, min(keep, 4))
+    p.visual, p.tokens, p.keep, p.width = n, n + 40, keep, 3584
+    for name, value in changes.items():
+        setattr(p, name, value)
+    return p
+
+
+def validation_error(p) -> str | None:
+    try:
+        cuda.check(p)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+# ------------------------------------------------------------------------------ host side (no GPU needed)
+
+@needs_library
+def test_library_speaks_the_contract():
+    lib = cuda.library()
+    assert lib.iwpVtsParamsSize() == ctypes.sizeof(cuda.Params)
+    ids = [lib.iwpVtsMethodId(name.encode()) for name in METHODS]
+    assert sorted(ids) == list(range(len(METHODS)))
+    assert lib.iwpVtsMethodId(b"fastV") == -1 and lib.iwpVtsMethodId(b"") == -1
+
+
+@needs_library
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_valid_parameters_get_a_workspace_that_grows_with_n(name):
+    small, large = params_7b(name, n=729, keep=64), params_7b(name, n=7290, keep=64)
+    assert validation_error(small) is None and validation_error(large) is None
+    assert 0 < cuda.workspace_size(small) < cuda.workspace_size(large)
+
+
+@needs_library
+@pytest.mark.parametrize("changes, message", [
+    ({"keep": 1486}, r"keep=1486 must be in \[1, N=1485\]"),
+    ({"keep": 0}, r"keep=0 must be in \[1, N=1485\]"),
+    ({"kvHeads": 5}, "multiple of KV heads"),
+    ({"headDim": 512}, "head dim 512"),
+    ({"dtype": 7}, "float32, float16 or bfloat16"),
+    ({"stage": 2, "nStages": 2}, "stage 2 is outside"),
+    ({"lam": 1.5}, "lam must be in"),
+    ({"chunk": 0}, "chunk must be >= 1"),
+    ({"tokens": 100}, "exceed the sequence length"),
+])
+def test_bad_parameters_are_refused_with_a_reason(changes, message):
+    p = params_7b("iwp", **changes)
+    assert re.search(message, validation_error(p) or "")
+    with pytest.raises(ValueError, match="VisualTokenSelect"):
+        cuda.workspace_size(p)
+    assert cuda.library().iwpVtsWorkspaceSize(ctypes.byref(p)) == 0
+
+
+@needs_library
+def test_unknown_method_is_refused():
+    p = params_7b("iwp")
+    p.method = 9
+    assert re.search("unknown method id 9", validation_error(p) or "")
+
+
+def _plugin_schema() -> dict[str, tuple[str, str]]:
+    """plugin.cpp's attribute table: name -> (kind, default) as written in Attributes::schema()."""
+    source = (FOLDER / "plugin.cpp").read_text()
+    table = source[source.index("static std::vector<Field> const fields{"):]
+    table = table[:table.index("};")]
+    return {name: (kind, default) for kind, name, default
+            in re.findall(r'(integer|real|text)\("(\w+)", ([^)]+)\)', table)}
+
+
+def test_plugin_fields_are_the_contract_attributes():
+    """The creator advertises exactly the node's scalar attributes, with the parser's types."""
+    kinds = {str: "text", int: "integer", bool: "integer", float: "real"}
+    expected = {name: kinds[kind] for name, kind in {**contract.CORE_ATTRIBUTES,
+                                                     **contract.method_attributes()}.items() if kind in kinds}
+    assert {name: kind for name, (kind, _) in _plugin_schema().items()} == expected
+
+
+def test_plugin_defaults_are_the_methods_defaults():
+    schema = _plugin_schema()
+    checked = 0
+    for cls in METHODS.values():
+        for field in dataclasses.fields(cls.Config):
+            if field.name in schema and field.name != "layer" and field.default is not None:
+                written = schema[field.name][1].strip('"').rstrip("F")
+                assert type(field.default)(float(written) if isinstance(field.default, float) else
+                                           int(written) if not isinstance(field.default, str) else written) \
+                    == field.default, field.name
+                checked += 1
+    assert checked >= 10
+
+
+def _tensorrt_include() -> Path | None:
+    for candidate in (os.environ.get("TENSORRT_ROOT", "") and Path(os.environ["TENSORRT_ROOT"]) / "include",
+                      Path("/usr/include/aarch64-linux-gnu"), Path("/usr/include/x86_64-linux-gnu")):
+        if candidate and (candidate / "NvInferRuntime.h").exists():
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(_tensorrt_include() is None, reason="TensorRT headers not found (set TENSORRT_ROOT)")
+def test_plugin_compiles_against_tensorrt():
+    cuda_include = next((p for p in (Path("/usr/local/cuda/include"),) if p.exists()), None)
+    if shutil.which("g++") is None or cuda_include is None:
+        pytest.skip("g++ or the CUDA headers are missing")
+    result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+                             "-isystem", str(_tensorrt_include()), "-isystem", str(cuda_include),
+                             str(FOLDER / "plugin.cpp")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------- on a GPU
+
+OPTIONS = {"iwp": [{}, {"queries": "last"}, {"lam": 1.0}, {"chunk": 1, "growth": 1.0}],
+           "btp": [{}, {"rebalance": False}, {"seed_fraction": 1.0}], "transprune": [{}],
+           "fastv": [{}], "dart": [{}, {"pivots": 3}], "divprune": [{}], "random": [{"seed": 7}]}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("seed", range(3))
+def test_gpu_matches_reference_on_random_inputs(name, seed):
+    for options in OPTIONS[name]:
+        method = make_method(name, **options)
+        for stages in (1, 3):
+            view = synthetic_view(B=3, N=40, Q=5, Hq=6, Hkv=2, d=32, D=48, seed=seed, stage=stages - 1,
+                                  n_stages=stages)
+            for keep in (1, 7, 40):
+                assert cuda.select(method, view, keep).tolist() == method.select(view, keep).tolist(), \
+                    (name, options, stages, keep)
+
+
+test_gpu_matches_reference_on_random_inputs.pytestmark = gpu
+
+
+@pytest.mark.parametrize("n", [729, 1485, 7290])
+@pytest.mark.parametrize("keep", [64, 128, 256])
+def test_gpu_iwp_at_llava_ov_7b_shapes(n, keep):
+    """28 query heads, 4 KV heads, head dim 128; identical indices to the fp32 reference (the CPU kernel,
+    itself tested equal to the PyTorch reference)."""
+    view = synthetic_view(B=1, N=n, Q=16, Hq=28, Hkv=4, d=128, D=64, seed=n + keep)
+    method = make_method("iwp")
+    assert cuda.select(method, view, keep).tolist() == cpu.select(method, view, keep).tolist()
+
+
+test_gpu_iwp_at_llava_ov_7b_shapes.pytestmark = gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_gpu_half_inputs_score_in_fp32(name, dtype):
+    """fp16/bf16 inputs give the reference's indices on the same (rounded) values."""
+    view = synthetic_view(B=2, N=64, Q=4, Hq=8, Hkv=2, d=64, D=96, seed=5)
+    rounded = dataclasses.replace(view, **{f: getattr(view, f).to(dtype).float()
+                                           for f in ("hidden", "q", "k", "q_rot", "k_rot", "v")})
+    method = make_method(name)
+    assert cuda.select(method, view, 16, dtype=dtype).tolist() == method.select(rounded, 16).tolist()
+
+
+test_gpu_half_inputs_score_in_fp32.pytestmark = gpu
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_gpu_ties_go_to_the_lower_index(name):
+    """Every visual token identical: every score ties, so the first K indices win."""
+    view = synthetic_view(B=1, N=50, Q=3, seed=3)
+    start = int(view.visual_start[0])
+    for field in ("hidden",):
+        getattr(view, field)[0, start:start + 50] = getattr(view, field)[0, start]
+    for field in ("q", "k", "q_rot", "k_rot", "v"):
+        getattr(view, field)[0, :, start:start + 50] = getattr(view, field)[0, :, start:start + 1]
+    method = make_method(name)
+    out = cuda.select(method, view, 10)
+    assert out.tolist() == method.select(view, 10).tolist()
+    assert out.unique().numel() == 10 and torch.equal(out, out.sort().values)
+
+
+test_gpu_ties_go_to_the_lower_index.pytestmark = gpu
+
+
+def test_gpu_selection_is_capturable_in_a_cuda_graph():
+    view = synthetic_view(B=1, N=729, Q=8, Hq=28, Hkv=4, d=128, D=64, seed=9)
+    selector = cuda.Selector(make_method("iwp"), view, 64)
+    selector.run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        selector.run()
+    selector.out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert selector.out.cpu().tolist() == cpu.select(make_method("iwp"), view, 64).tolist()
+
+
+test_gpu_selection_is_capturable_in_a_cuda_graph.pytestmark = gpu
