@@ -13,18 +13,20 @@ MODEL_PATH ?=
 RANDOM_WEIGHTS ?= 0
 SELECT  ?= plugin
 DTYPE   ?= fp32
+BACKEND ?= onnxruntime
+ENGINE  ?=
 
 ENGINE_ARGS := --model $(MODEL) --method $(METHOD) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID)) \
 	$(if $(IMAGE),--image "$(IMAGE)") --prompt "$(PROMPT)" \
 	$(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") $(if $(filter 1,$(RANDOM_WEIGHTS)),--random-weights) \
-	--select $(SELECT) --dtype $(DTYPE)
+	--select $(SELECT) --dtype $(DTYPE) --backend $(BACKEND)
 
 TENSORRT_ROOT ?=
 PLUGIN_BUILD := build/plugins
 NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 
-.PHONY: engine test test-slow test-gpu compare bench-select bench-cuda plugins clean
+.PHONY: engine test test-slow test-gpu compare compare-trt bench-select bench-cuda plugins clean
 
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
 $(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp
@@ -34,7 +36,7 @@ $(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-engine: $(STAMP)
+engine: $(STAMP) $(if $(filter tensorrt auto,$(BACKEND)),plugins)
 	$(PY) -m iwp engine $(ENGINE_ARGS)
 
 # The CUDA kernels always compile where nvcc is (sm_87 Orin, sm_89, sm_90); the TensorRT plugin needs
@@ -67,6 +69,10 @@ test-slow: $(STAMP)
 
 compare: $(STAMP)
 	$(PY) -m iwp compare --model $(MODEL) $(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID))
+
+# A TensorRT engine directory against ONNX Runtime on the same inputs (needs TensorRT and the plugin).
+compare-trt: $(STAMP)
+	$(PY) -m iwp compare-trt "$(ENGINE)"
 
 bench-select: $(STAMP)
 	$(PY) -m iwp bench-select

@@ -1,7 +1,8 @@
 """Build an engine directory: four ONNX graphs, the processor files and manifest.json.
 
-    engines/<model>-<method>-b<budget>-<grid>/
+    engines/<model>-<method>-b<budget>-<grid>[-trt]/
         embed.onnx vision.onnx prefill.onnx decode.onnx
+        embed.plan ... decode.plan   (BACKEND=tensorrt: TensorRT engines, version in the manifest)
         tokenizer files, preprocessor_config.json, chat_template.jinja, processor_config.json
         manifest.json   (the resolved config; the runtime reads everything from here)
 
@@ -43,6 +44,7 @@ class EngineSpec:
     random_weights: bool = False
     options: tuple = ()            # method options as sorted (name, value) pairs
     external_data: bool = False    # weights in a side file even under 2 GB (over 2 GB they always are)
+    backend: str = "onnxruntime"   # or "tensorrt": also build a .plan per graph (export/tensorrt.py)
 
     def __post_init__(self):
         if self.max_text_tokens < 1 or self.max_new_tokens < 1:
@@ -51,6 +53,8 @@ class EngineSpec:
             raise ValueError(f"DTYPE={self.dtype} is not one of {', '.join(DTYPES)}")
         if self.select not in ("plugin", "native"):
             raise ValueError(f"SELECT={self.select} is not one of plugin, native")
+        if self.backend not in ("onnxruntime", "tensorrt"):
+            raise ValueError(f"BACKEND={self.backend} is not one of onnxruntime, tensorrt (auto is resolved first)")
 
 
 def sha256(path: Path) -> str:
@@ -65,7 +69,8 @@ def engine_name(spec: EngineSpec, grid_name: str) -> str:
     budget = f"-b{spec.budget}" if spec.method != "none" else ""
     native = "-native" if spec.select == "native" and spec.method != "none" else ""
     dtype = f"-{spec.dtype}" if spec.dtype != "fp32" else ""
-    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}{dtype}"
+    trt = "-trt" if spec.backend == "tensorrt" else ""
+    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}{dtype}{trt}"
 
 
 def _tool_versions() -> dict:
@@ -161,6 +166,10 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
                 save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
                 del program
         _save_processor(loaded.processor, staging)
+        tensorrt = None
+        if spec.backend == "tensorrt":
+            from .tensorrt import build_plans
+            tensorrt = build_plans(staging, GRAPHS, length, progress)
         d, m = model_dims(loaded.model)
         full = prefill_flops((n,) * model.n_layers, d, m)
         cfg = loaded.model.config.text_config
@@ -183,7 +192,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             "shapes": {"batch": 1, "max_prompt": length, "max_text_tokens": spec.max_text_tokens,
                        "max_new_tokens": spec.max_new_tokens, "prefill_len": prefill_len,
                        "cache_len": [p + spec.max_new_tokens for p in prefill_len]},
-            "dtype": spec.dtype, "select": spec.select,
+            "dtype": spec.dtype, "select": spec.select, "backend": spec.backend, "tensorrt": tensorrt,
             "tokens": {"image": loaded.processor.image_token_id, "eos": tokenizer.eos_token_id,
                        "pad": tokenizer.pad_token_id},
             "tools": _tool_versions(),

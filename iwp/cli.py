@@ -6,6 +6,8 @@
     iwp calibrate     BTP stage layers from adjacent-layer hidden-state change
     iwp ablate        IWP's open choices, one at a time around the defaults
     iwp bench-select  IWP selection time on CPU
+    iwp bench-cuda    VisualTokenSelect CUDA kernel times (GPU)
+    iwp compare-trt   an engine's TensorRT plans against ONNX Runtime
 """
 from __future__ import annotations
 
@@ -90,9 +92,11 @@ def cmd_engine(args) -> None:
     if args.method != "none":
         from iwp.plugins.visual_token_select import make_method
         make_method(args.method, **options)  # bad methods and options fail before any work
+    from iwp.export.tensorrt import resolve_backend
+    backend = resolve_backend(args.backend)
     engine = EngineSpec(args.model, args.method, args.budget or spec.budget, args.grid, args.max_text_tokens,
                         args.max_new_tokens, args.dtype, args.select, args.model_path, args.random_weights,
-                        tuple(sorted(options.items())))
+                        tuple(sorted(options.items())), backend=backend)
     start = time.perf_counter()
     directory = build(engine, Path(args.out), progress=lambda line: print(line, flush=True))
     built = time.perf_counter() - start
@@ -118,6 +122,14 @@ def cmd_engine(args) -> None:
           f"({1 - f['ratio']:.1%} saved)")
     answer = pipeline.processor.tokenizer.decode(tokens, skip_special_tokens=True)
     print(f"answer    {answer!r}  ({len(tokens)} tokens in {elapsed:.2f}s, ONNX Runtime)")
+
+
+def cmd_compare_trt(args) -> None:
+    from iwp.export.tensorrt import compare, resolve_backend
+    resolve_backend("tensorrt")  # a clear one-line error where TensorRT is missing
+    verdicts = compare(args.engine, args.image, args.prompt, args.atol)
+    if not all(verdicts.values()):
+        raise SystemExit(f"TensorRT and ONNX Runtime disagree on: {', '.join(k for k, v in verdicts.items() if not v)}")
 
 
 def cmd_run(args) -> None:
@@ -195,6 +207,11 @@ def cmd_bench_select(args) -> None:
     run(args.repeats)
 
 
+def cmd_bench_cuda(args) -> None:
+    from .bench_cuda import run
+    run(args.repeats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iwp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,8 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     p.add_argument("--select", default="plugin", choices=["plugin", "native"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "auto"],
+                   help="tensorrt also builds a .plan per graph; auto picks it when TensorRT is present")
     p.add_argument("--out", default="engines", help="directory that holds engine directories")
     p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("compare-trt", help="each TensorRT plan of an engine against ONNX Runtime, same inputs")
+    p.add_argument("engine", help="an engine directory built with --backend tensorrt")
+    p.add_argument("--image", default=None)
+    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--atol", type=float, default=None, help="float tolerance (default 1e-3 fp32, 2e-2 fp16)")
+    p.set_defaults(func=cmd_compare_trt)
 
     p = sub.add_parser("run", help="generate from an engine directory, streaming tokens")
     p.add_argument("--engine", required=True)
@@ -248,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-select", help="IWP selection time on CPU")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.set_defaults(func=cmd_bench_select)
+
+    p = sub.add_parser("bench-cuda", help="VisualTokenSelect CUDA kernel times (needs a GPU)")
+    p.add_argument("--repeats", type=positive_int, default=50)
+    p.set_defaults(func=cmd_bench_cuda)
     return parser
 
 
