@@ -768,7 +768,7 @@ __global__ void pcmmrSeedKernel(int32_t const* seed, int64_t count, PcmmrState s
 }
 
 // The pool of a step: the `pool` best MMR scores among untaken tokens, ascending by index.
-__global__ void pcmmrPoolKernel(PcmmrState st, int64_t visual, int64_t pool, int64_t maxPool, bool hasSim,
+__global__ void __launch_bounds__(kSelectThreads) pcmmrPoolKernel(PcmmrState st, int64_t visual, int64_t pool, int64_t maxPool, bool hasSim,
     float lam, float rest)
 {
     __shared__ SelectShared sh;
@@ -835,7 +835,7 @@ __global__ void pcmmrGreedyKernel(PcmmrState st, int64_t visual, int64_t keep, i
 
 // The taken flags as ascending indices: out[b, 0..keep).
 template <typename OutT>
-__global__ void takenToIndicesKernel(uint8_t const* taken, OutT* out, int64_t visual, int64_t keep)
+__global__ void __launch_bounds__(kSelectThreads) takenToIndicesKernel(uint8_t const* taken, OutT* out, int64_t visual, int64_t keep)
 {
     __shared__ int scan[33];
     int64_t const b = blockIdx.x;
@@ -862,7 +862,7 @@ __global__ void takenToIndicesKernel(uint8_t const* taken, OutT* out, int64_t vi
 
 // out[b, 0..keep) = the keep best of scores[b] (rankable), ascending by index.
 template <typename OutT>
-__global__ void topSortedKernel(float const* scores, uint32_t* keys, OutT* out, int64_t visual, int64_t keep)
+__global__ void __launch_bounds__(kSelectThreads) topSortedKernel(float const* scores, uint32_t* keys, OutT* out, int64_t visual, int64_t keep)
 {
     __shared__ SelectShared sh;
     int64_t const b = blockIdx.x;
