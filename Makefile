@@ -26,10 +26,12 @@ TENSORRT_ROOT ?=
 PLUGIN_BUILD := build/plugins
 NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 
-.PHONY: engine test test-slow test-gpu compare compare-trt bench-select bench-cuda plugins clean
+RUNTIME_BUILD := build/runtime
+
+.PHONY: engine test test-slow test-gpu compare compare-trt bench-select bench-cuda plugins runtime clean
 
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
-$(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp
+$(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp $(wildcard runtime/core/*.cpp runtime/core/*.h)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
@@ -54,7 +56,16 @@ else
 		|| echo "iwp: TensorRT not found (set TENSORRT_ROOT): skipped the TensorRT plugin; built the CUDA kernels"
 endif
 
-test: $(STAMP) plugins
+# The C++ runtime core (static library, its tests, and the example app where TensorRT is found).
+runtime: $(STAMP)
+	@mkdir -p build
+	$(VENV)/bin/cmake -S runtime -B $(RUNTIME_BUILD) $(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) \
+		$(if $(NVCC),-DCMAKE_CUDA_COMPILER=$(NVCC)) > $(RUNTIME_BUILD).log
+	$(VENV)/bin/cmake --build $(RUNTIME_BUILD) -j2
+	@grep -o 'iwp: .*' $(RUNTIME_BUILD).log || true
+
+test: $(STAMP) plugins runtime
+	$(RUNTIME_BUILD)/test_runtime_core
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 # On a machine with an NVIDIA GPU: the CUDA kernels against the reference, at LLaVA-OV-7B shapes.

@@ -1,10 +1,15 @@
-"""The compiled part of the package build: iwp's CPU kernels (everything else is in pyproject.toml)."""
+"""The compiled part of the package build: iwp's CPU kernels and the runtime core (everything else is in
+pyproject.toml). The CUDA kernels and the TensorRT plugin are built by CMake (`make plugins`)."""
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 setup(
     ext_modules=[Pybind11Extension("iwp.plugins.visual_token_select._cpu",
                                    ["plugins/visual_token_select/cpu.cpp"], cxx_std=17,
+                                   extra_compile_args=["-O3"]),
+                 Pybind11Extension("iwp.runtime._core",
+                                   ["runtime/core/kv_arena.cpp", "runtime/core/sampler.cpp",
+                                    "runtime/core/generate.cpp", "runtime/core/bindings.cpp"], cxx_std=17,
                                    extra_compile_args=["-O3"])],
     cmdclass={"build_ext": build_ext},
 )

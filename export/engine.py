@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 import torch
 
-FORMAT = 1
+FORMAT = 2  # 2: the selection node takes int32 masks (TensorRT plugins take no bool)
 GRAPHS = ("embed", "vision", "prefill", "decode")
 # fp16 graphs are fp16 in the file (TensorRT 11 builds only strongly typed networks); selection scores in fp32
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

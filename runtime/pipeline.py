@@ -15,6 +15,8 @@ import numpy as np
 
 from iwp.export.engine import FORMAT, GRAPHS, sha256
 
+from ._core import Backend as CoreBackend
+
 REBUILD = "rebuild it with `make engine`"
 
 
@@ -45,28 +47,58 @@ def read_manifest(directory: Path, verify_files: bool = True) -> dict:
     return manifest
 
 
+_MASK64 = (1 << 64) - 1
+
+
+class SplitMix64:
+    """The runtime core's random stream (runtime/core/sampler.cpp), in Python."""
+
+    def __init__(self, seed: int):
+        self.state = seed & _MASK64
+
+    def uniform(self) -> float:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return ((z ^ (z >> 31)) >> 11) * 2.0 ** -53
+
+
 @dataclass
 class Sampler:
-    """Greedy at temperature 0; otherwise temperature then top-p (nucleus), from a seeded generator."""
+    """Greedy at temperature 0; otherwise temperature then top-p (nucleus), from a seeded SplitMix64 stream.
+
+    This is the pure-Python reference of the runtime core's sampler (runtime/core/sampler.cpp), step for step
+    (sums in index or rank order, in double), so both draw the same token for the same seed.
+    """
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = SplitMix64(self.seed)
+
+    def core(self):
+        """The same sampler in the runtime core."""
+        from ._core import Sampler as CoreSampler
+        return CoreSampler(self.temperature, self.top_p, self.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         if self.temperature == 0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.temperature
         p = np.exp(z - z.max())
-        p /= p.sum()
+        p /= np.cumsum(p)[-1]                      # a sequential sum, as the C++ loop adds
         order = np.argsort(-p, kind="stable")
-        keep = np.cumsum(p[order]) - p[order] < self.top_p   # the smallest prefix reaching top_p
-        p_kept = p[order][keep] / p[order][keep].sum()
-        return int(order[keep][self.rng.choice(len(p_kept), p=p_kept)])
+        cumulative = np.cumsum(p[order])
+        before = np.concatenate([[0.0], cumulative[:-1]])
+        kept = int(np.count_nonzero(before < self.top_p))   # the smallest prefix reaching top_p
+        u = self.rng.uniform() * cumulative[kept - 1]
+        pick = min(int(np.searchsorted(cumulative[:kept], u, side="right")), kept - 1)
+        return int(order[pick])
 
 
 def _prefill_feeds(batch, embeds: np.ndarray) -> dict:
@@ -77,9 +109,62 @@ def _prefill_feeds(batch, embeds: np.ndarray) -> dict:
             "last_idx": batch.last_idx.numpy()}
 
 
+def _numpy_dtype(elem_type: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bool)": np.bool_,
+            "tensor(int64)": np.int64}[elem_type]
+
+
+def make_arena(manifest: dict):
+    """The runtime core's KV arena for an engine: per-layer capacities from the manifest."""
+    from ._core import KvArena
+    m = manifest["model"]
+    return KvArena(manifest["shapes"]["cache_len"], m["n_kv_heads"], m["head_dim"],
+                   2 if manifest["dtype"] == "fp16" else 4)
+
+
+def _cache_names(kind: str, n_layers: int) -> list[tuple[int, str, str]]:
+    return [(layer, part, f"{kind}.{layer}.{part}") for layer in range(n_layers) for part in ("key", "value", "valid")]
+
+
+def _arena_buffer(arena, which: int, layer: int, part: str) -> np.ndarray:
+    return {"key": arena.key, "value": arena.value, "valid": arena.valid}[part](which, layer)
+
+
+class OrtBackend(CoreBackend):
+    """The ONNX Runtime backend of the runtime core's decode loop: one decode step reads the arena's past
+    set and writes its present set in place (IOBinding, no copies of the caches)."""
+
+    def __init__(self, sessions: dict, manifest: dict):
+        CoreBackend.__init__(self)
+        self.sessions, self.n_layers = sessions, manifest["model"]["n_layers"]
+        self._vocab = manifest["model"]["vocab_size"]
+        logits = next(o for o in sessions["decode"].get_outputs() if o.name == "logits")
+        self._logits = np.empty(logits.shape, dtype=_numpy_dtype(logits.type))  # written in place each step
+
+    def vocab(self) -> int:
+        return self._vocab
+
+    def decode(self, token: int, position: int, step: int, arena) -> np.ndarray:
+        (embed,) = self.sessions["embed"].run(None, {"input_ids": np.array([[token]], dtype=np.int64)})
+        session = self.sessions["decode"]
+        binding = session.io_binding()
+        for name, value in (("inputs_embeds", embed), ("position", np.array([position], dtype=np.int64)),
+                            ("step", np.array(step, dtype=np.int64))):
+            binding.bind_cpu_input(name, value)
+        for kind, which in (("past", arena.past), ("present", arena.present)):
+            for layer, part, name in _cache_names(kind, self.n_layers):
+                buffer = _arena_buffer(arena, which, layer, part)
+                bind = binding.bind_input if kind == "past" else binding.bind_output
+                bind(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, self._logits.dtype, list(self._logits.shape), self._logits.ctypes.data)
+        session.run_with_iobinding(binding)
+        return self._logits.reshape(-1)
+
+
 class Pipeline:
     def __init__(self, directory: Path, manifest: dict, processor, sessions: dict):
         self.directory, self.manifest, self.processor, self.sessions = directory, manifest, processor, sessions
+        self.arena = make_arena(manifest)
 
     @classmethod
     def from_engine(cls, directory, budget: int | None = None, providers: list[str] | None = None) -> "Pipeline":
@@ -128,14 +213,8 @@ class Pipeline:
                       torch.tensor([start]), n, None, None, torch.tensor([t - 1]), None)
         return pad_to_length(batch, self.manifest["shapes"]["max_prompt"], self.manifest["tokens"]["pad"])
 
-    def generate_ids(self, image, prompt: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
-                     on_token: Callable[[int], None] | None = None) -> tuple[list[int], list[np.ndarray]]:
-        """Token ids (stopping at EOS or max_new_tokens) and each stage's kept indices."""
-        steps = max_new_tokens or self.max_new_tokens
-        if not 1 <= steps <= self.max_new_tokens:
-            raise ValueError(f"max_new_tokens must be in 1..{self.max_new_tokens} for this engine, got {steps}")
-        sampler = sampler or Sampler()
-        batch = self._prepare(image, prompt)
+    def _prefill(self, batch):
+        """Embed, vision and prefill: the last logits, each stage's kept indices and the caches."""
         s = self.sessions
         (embeds,) = s["embed"].run(None, {"input_ids": batch.input_ids.numpy()})
         (features,) = s["vision"].run(None, {"pixel_values": batch.pixel_values.numpy()})
@@ -143,22 +222,50 @@ class Pipeline:
         embeds[0, start:start + n] = features[0]
         logits, *rest = s["prefill"].run(None, _prefill_feeds(batch, embeds))
         n_stages = len(self.manifest["method"]["stages"])
-        kept, past = rest[:n_stages], rest[n_stages:]
-        eos = self.manifest["tokens"]["eos"]
+        return logits[0, -1], rest[:n_stages], rest[n_stages:]
+
+    def _check_steps(self, max_new_tokens: int | None) -> int:
+        steps = max_new_tokens or self.max_new_tokens
+        if not 1 <= steps <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be in 1..{self.max_new_tokens} for this engine, got {steps}")
+        return steps
+
+    def generate_ids(self, image, prompt: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
+                     on_token: Callable[[int], None] | None = None) -> tuple[list[int], list[np.ndarray]]:
+        """Token ids (stopping at EOS or max_new_tokens) and each stage's kept indices. The decode loop,
+        the sampler and the KV arena are the runtime core's (C++); ONNX Runtime runs the graphs."""
+        from ._core import generate
+        steps = self._check_steps(max_new_tokens)
+        sampler = sampler or Sampler()
+        batch = self._prepare(image, prompt)
+        logits, kept, caches = self._prefill(batch)
+        arena = self.arena
+        for (layer, part, _), cache in zip(_cache_names("present", self.manifest["model"]["n_layers"]), caches):
+            _arena_buffer(arena, arena.past, layer, part)[...] = cache
+        tokens = generate(OrtBackend(self.sessions, self.manifest), arena, logits, int(batch.positions[0, -1]) + 1,
+                          sampler.core(), steps, [self.manifest["tokens"]["eos"]], on_token)
+        return tokens, kept
+
+    def generate_ids_reference(self, image, prompt: str, max_new_tokens: int | None = None,
+                               sampler: Sampler | None = None) -> list[int]:
+        """The pure-Python decode loop over numpy caches, kept as the reference the core is tested against."""
+        steps = self._check_steps(max_new_tokens)
+        sampler = sampler or Sampler()
+        batch = self._prepare(image, prompt)
+        logits, _, past = self._prefill(batch)
+        s, eos = self.sessions, self.manifest["tokens"]["eos"]
         position = np.array([int(batch.positions[0, -1]) + 1])
         names = [i.name for i in s["decode"].get_inputs()]
-        token, tokens = sampler(logits[0, -1]), []
+        token, tokens = sampler(logits), []
         for step in range(steps):
             tokens.append(token)
-            if on_token:
-                on_token(token)
             if token == eos or step == steps - 1:
                 break
             (token_embed,) = s["embed"].run(None, {"input_ids": np.array([[token]])})
             logits, *past = s["decode"].run(None, dict(zip(names, [token_embed, position + step,
                                                                    np.array(step, dtype=np.int64), *past])))
             token = sampler(logits[0])
-        return tokens, kept
+        return tokens
 
     def time_stages(self, image, prompt: str, repeats: int = 5) -> dict:
         """Median seconds of the vision and prefill graphs on one input, after a warm-up run (used by

@@ -169,3 +169,40 @@ def test_external_data_engine_loads_and_generates_the_same_tokens(pipeline, tmp_
     external = Pipeline.from_engine(directory)
     prompt = "What colour is the circle?"
     assert external.generate_ids(demo_image(5), prompt, 8)[0] == pipeline.generate_ids(demo_image(5), prompt, 8)[0]
+
+
+# --- the runtime core (runtime/core, C++): the loop, the sampler and the arena behind generate_ids ---
+
+@pytest.mark.parametrize("temperature, top_p, seed", [(0.0, 1.0, 0), (0.8, 0.9, 1), (1.5, 1.0, 2), (1.0, 0.5, 3)])
+def test_core_loop_gives_the_python_paths_tokens(pipeline, temperature, top_p, seed):
+    """The C++ decode loop over the ONNX Runtime backend against the pure-Python loop: same tokens."""
+    core, _ = pipeline.generate_ids(demo_image(5), "What is here?", 24, Sampler(temperature, top_p, seed))
+    assert core == pipeline.generate_ids_reference(demo_image(5), "What is here?", 24,
+                                                   Sampler(temperature, top_p, seed))
+    assert len(core) == 24 or core[-1] == pipeline.manifest["tokens"]["eos"]
+
+
+def test_core_sampler_draws_what_the_python_sampler_draws():
+    rng = np.random.default_rng(0)
+    for temperature, top_p in [(0.0, 1.0), (0.7, 1.0), (1.0, 0.9), (2.0, 0.3)]:
+        python, core = Sampler(temperature, top_p, seed=5), Sampler(temperature, top_p, seed=5).core()
+        for _ in range(200):
+            logits = (rng.standard_normal(1000) * 3).astype(np.float32)
+            assert core.sample(logits) == python(logits)
+
+
+def test_arena_is_sized_from_the_manifest(pipeline):
+    arena, m = pipeline.arena, pipeline.manifest
+    assert arena.capacities == m["shapes"]["cache_len"]
+    assert arena.key(0, 0).shape == (1, m["model"]["n_kv_heads"], m["shapes"]["cache_len"][0], m["model"]["head_dim"])
+    assert arena.key(0, 0).dtype == np.float32 and arena.valid(1, 5).dtype == np.bool_
+    unpruned = arena.unpruned_set_bytes(m["shapes"]["cache_len"][0])
+    assert arena.set_bytes < unpruned                   # pruned layers hold fewer slots
+    with pytest.raises(IndexError):
+        arena.key(0, m["model"]["n_layers"])
+
+
+def test_streaming_callback_can_stop_generation(pipeline):
+    seen = []
+    ids, _ = pipeline.generate_ids(demo_image(5), "What is here?", 16, on_token=lambda t: seen.append(t) or len(seen) < 3)
+    assert ids == seen and len(ids) == 3

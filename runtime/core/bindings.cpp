@@ -1,0 +1,138 @@
+// iwp.runtime._core: the runtime core for Python. The ONNX Runtime backend is a Python class that
+// implements Backend.decode, so the decode loop below is the same C++ loop a C++ app drives.
+#include "generate.h"
+#include "kv_arena.h"
+#include "sampler.h"
+
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace py = pybind11;
+
+namespace iwp
+{
+namespace
+{
+
+// A Backend implemented in Python: decode() returns [vocab] (or [1, vocab]) float32 logits.
+class PyBackend : public Backend
+{
+public:
+    float const* decode(int32_t token, int64_t position, int64_t step, KvArena& arena) override
+    {
+        py::gil_scoped_acquire gil;
+        py::function override = py::get_override(static_cast<Backend const*>(this), "decode");
+        if (!override)
+        {
+            throw std::runtime_error("Backend.decode is not implemented");
+        }
+        py::object logits = override(token, position, step, py::cast(&arena, py::return_value_policy::reference));
+        mLast = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(logits);
+        if (!mLast || static_cast<size_t>(mLast.size()) != vocab())
+        {
+            throw std::runtime_error("Backend.decode must return " + std::to_string(vocab()) + " logits");
+        }
+        return mLast.data();
+    }
+
+    size_t vocab() const override
+    {
+        PYBIND11_OVERRIDE_PURE(size_t, Backend, vocab);
+    }
+
+private:
+    py::array_t<float> mLast; // keeps the returned logits alive until the next step
+};
+
+// A numpy view of one arena buffer; the array keeps the arena alive.
+py::array view(py::object owner, void* data, py::dtype dtype, std::vector<py::ssize_t> shape)
+{
+    return py::array(dtype, shape, data, owner);
+}
+
+py::dtype cacheDtype(KvArena const& arena)
+{
+    return arena.layout().elementBytes == 2 ? py::dtype("float16") : py::dtype("float32");
+}
+
+} // namespace
+} // namespace iwp
+
+PYBIND11_MODULE(_core, m)
+{
+    using namespace iwp;
+    m.doc() = "iwp's runtime core: the KV arena, the samplers and the decode loop";
+
+    py::class_<KvArena>(m, "KvArena")
+        .def(py::init([](std::vector<int64_t> capacities, int64_t kvHeads, int64_t headDim, size_t elementBytes) {
+            return new KvArena(KvLayout{std::move(capacities), kvHeads, headDim, elementBytes});
+        }),
+            py::arg("capacities"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("element_bytes") = 4)
+        .def_property_readonly("bytes", &KvArena::bytes, "both sets, every layer")
+        .def_property_readonly("set_bytes", [](KvArena const& a) { return a.layout().setBytes(); })
+        .def("unpruned_set_bytes", [](KvArena const& a, int64_t tokens) { return a.layout().unprunedSetBytes(tokens); },
+            py::arg("tokens"), "one set's bytes if every layer held `tokens` slots")
+        .def_property_readonly("layers", &KvArena::layers)
+        .def_property_readonly("capacities", [](KvArena const& a) { return a.layout().capacities; })
+        .def_property_readonly("past", &KvArena::past)
+        .def_property_readonly("present", &KvArena::present)
+        .def("swap", &KvArena::swap)
+        .def("reset", &KvArena::reset)
+        .def("key", [](py::object self, int set, size_t layer) {
+            auto& a = self.cast<KvArena&>();
+            auto const& l = a.layout();
+            return view(self, a.key(set, layer), cacheDtype(a), {1, l.kvHeads, l.capacities.at(layer), l.headDim});
+        })
+        .def("value", [](py::object self, int set, size_t layer) {
+            auto& a = self.cast<KvArena&>();
+            auto const& l = a.layout();
+            return view(self, a.value(set, layer), cacheDtype(a), {1, l.kvHeads, l.capacities.at(layer), l.headDim});
+        })
+        .def("valid", [](py::object self, int set, size_t layer) {
+            auto& a = self.cast<KvArena&>();
+            return view(self, a.valid(set, layer), py::dtype("bool"), {1, a.layout().capacities.at(layer)});
+        });
+
+    py::class_<Sampler>(m, "Sampler")
+        .def(py::init<double, double, uint64_t>(), py::arg("temperature") = 0.0, py::arg("top_p") = 1.0,
+            py::arg("seed") = 0)
+        .def("sample", [](Sampler& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits) {
+            return s.sample(logits.data(), static_cast<size_t>(logits.size()));
+        })
+        .def_property_readonly("temperature", &Sampler::temperature)
+        .def_property_readonly("top_p", &Sampler::topP);
+
+    py::class_<Backend, PyBackend>(m, "Backend")
+        .def(py::init<>())
+        .def("vocab", &Backend::vocab);
+
+    m.def(
+        "generate",
+        [](Backend& backend, KvArena& arena, py::array_t<float, py::array::c_style | py::array::forcecast> firstLogits,
+            int64_t nextPosition, Sampler& sampler, int64_t maxNewTokens, std::vector<int32_t> stopTokens,
+            py::object onToken) {
+            if (static_cast<size_t>(firstLogits.size()) != backend.vocab())
+            {
+                throw std::invalid_argument("generate: first_logits has " + std::to_string(firstLogits.size())
+                    + " values, the backend's vocab is " + std::to_string(backend.vocab()));
+            }
+            TokenCallback callback;
+            if (!onToken.is_none())
+            {
+                callback = [onToken](int32_t token) {
+                    py::object keep = onToken(token);
+                    return keep.is_none() || keep.cast<bool>();
+                };
+            }
+            return generate(backend, arena, firstLogits.data(), nextPosition, sampler,
+                StopConditions{maxNewTokens, std::move(stopTokens)}, callback);
+        },
+        py::arg("backend"), py::arg("arena"), py::arg("first_logits"), py::arg("next_position"), py::arg("sampler"),
+        py::arg("max_new_tokens"), py::arg("stop_tokens"), py::arg("on_token") = py::none(),
+        "The decode loop: tokens from the prefill's last logits, stopping at a stop token or max_new_tokens.");
+}
