@@ -15,6 +15,7 @@ SELECT  ?= plugin
 DTYPE   ?= fp32
 BACKEND ?= onnxruntime
 ENGINE  ?=
+BASELINE ?=
 
 ENGINE_ARGS := --model $(MODEL) --method $(METHOD) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID)) \
@@ -28,7 +29,7 @@ NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>
 
 RUNTIME_BUILD := build/runtime
 
-.PHONY: engine test test-slow test-gpu compare compare-trt bench-select bench-cuda plugins runtime clean
+.PHONY: engine test test-slow test-gpu compare compare-trt profile bench-select bench-cuda plugins runtime clean
 
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
 $(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp $(wildcard runtime/core/*.cpp runtime/core/*.h)
@@ -84,6 +85,10 @@ compare: $(STAMP)
 # A TensorRT engine directory against ONNX Runtime on the same inputs (needs TensorRT and the plugin).
 compare-trt: $(STAMP)
 	$(PY) -m iwp compare-trt "$(ENGINE)"
+
+# Per-stage latency of ENGINE (and the measured/FLOP-ideal speedup against an unpruned BASELINE).
+profile: $(STAMP)
+	$(PY) -m iwp profile --engine "$(ENGINE)" $(if $(BASELINE),--baseline "$(BASELINE)")
 
 bench-select: $(STAMP)
 	$(PY) -m iwp bench-select

@@ -7,6 +7,7 @@
     iwp ablate        IWP's open choices, one at a time around the defaults
     iwp bench-select  IWP selection time on CPU
     iwp bench-cuda    VisualTokenSelect CUDA kernel times (GPU)
+    iwp profile       per-stage latency, memory and the FLOP-ideal ratio of an engine (JSON, Markdown, PNG)
     iwp compare-trt   an engine's TensorRT plans against ONNX Runtime
 """
 from __future__ import annotations
@@ -207,6 +208,14 @@ def cmd_bench_select(args) -> None:
     run(args.repeats)
 
 
+def cmd_profile(args) -> None:
+    from pathlib import Path
+
+    from .profile import run
+    run(args.engine, args.baseline, args.image, args.prompt, args.warmup, args.repeats, args.new_tokens,
+        Path(args.out))
+
+
 def cmd_bench_cuda(args) -> None:
     from .bench_cuda import run
     run(args.repeats)
@@ -274,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-select", help="IWP selection time on CPU")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.set_defaults(func=cmd_bench_select)
+
+    p = sub.add_parser("profile", help="per-stage latency, memory and FLOP-ideal ratio of an engine")
+    p.add_argument("--engine", required=True, help="the engine directory to profile")
+    p.add_argument("--baseline", default=None, help="an unpruned engine (METHOD=none) for the measured speedup")
+    p.add_argument("--image", default=None)
+    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--new-tokens", type=positive_int, default=16)
+    p.add_argument("--out", default="profiles", help="reports go to OUT/<engine name>/")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("bench-cuda", help="VisualTokenSelect CUDA kernel times (needs a GPU)")
     p.add_argument("--repeats", type=positive_int, default=50)

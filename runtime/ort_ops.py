@@ -9,6 +9,7 @@ activations to fp32 first; the op scores in fp32 anyway. Every method runs on th
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import onnx
@@ -18,6 +19,12 @@ from iwp.plugins.visual_token_select import contract
 ORT_DOMAIN = "ai.onnx.contrib"
 _ACTIVATIONS = ("hidden", "q", "k", "q_rot", "k_rot", "v")  # the inputs of type T in the schema
 _registered = False
+_selection_seconds = [0.0]  # time spent inside the op, for `iwp profile`
+
+
+def selection_seconds() -> float:
+    """Seconds spent in VisualTokenSelect so far in this process (the profiler reads differences)."""
+    return _selection_seconds[0]
 
 
 def _select(arrays, node_attrs):
@@ -37,7 +44,10 @@ def _select(arrays, node_attrs):
     stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
     method = method_from_attributes({"method": node_attrs["method"], **options})
     view = LayerView(*tensors[:8], tensors[11].shape[1], *tensors[8:], layer, stage, n_stages)
-    return cpu.select(method, view, keep).numpy()  # the compiled kernel (cpu.cpp)
+    start = time.perf_counter()
+    out = cpu.select(method, view, keep).numpy()  # the compiled kernel (cpu.cpp)
+    _selection_seconds[0] += time.perf_counter() - start
+    return out
 
 
 def register() -> str:
