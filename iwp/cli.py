@@ -216,6 +216,13 @@ def cmd_profile(args) -> None:
         Path(args.out))
 
 
+def cmd_soak(args) -> None:
+    from .soak import run
+    result = run(args.engine, args.generations, args.new_tokens)
+    print(f"{result['generations']} generations in {result['seconds']:.0f}s; RSS growth after warm-up "
+          f"{result['growth_mb']:+.1f} MB")
+
+
 def cmd_bench_cuda(args) -> None:
     from .bench_cuda import run
     run(args.repeats)
@@ -294,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=positive_int, default=16)
     p.add_argument("--out", default="profiles", help="reports go to OUT/<engine name>/")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("soak", help="many generations in one process, watching memory")
+    p.add_argument("--engine", required=True)
+    p.add_argument("--generations", type=positive_int, default=1000)
+    p.add_argument("--new-tokens", type=positive_int, default=16)
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("bench-cuda", help="VisualTokenSelect CUDA kernel times (needs a GPU)")
     p.add_argument("--repeats", type=positive_int, default=50)

@@ -206,3 +206,18 @@ def test_streaming_callback_can_stop_generation(pipeline):
     seen = []
     ids, _ = pipeline.generate_ids(demo_image(5), "What is here?", 16, on_token=lambda t: seen.append(t) or len(seen) < 3)
     assert ids == seen and len(ids) == 3
+
+
+def test_two_processes_building_the_same_engine_leave_it_intact(tmp_path):
+    """Concurrent `iwp engine` runs into one directory: both succeed, the engine verifies, nothing is left over."""
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "iwp", "engine", "--model", "tiny-llava-ov", "--budget", "40",
+            "--max-text-tokens", "48", "--max-new-tokens", "3", "--out", str(tmp_path)]
+    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in runs]
+    assert all(code == 0 for code, _ in results), results
+    engines = list(tmp_path.iterdir())
+    assert [p.name for p in engines] == ["tiny-llava-ov-iwp-b40-2x2"]       # no staging or .old directories
+    read_manifest(engines[0])                                                # every file matches its hash
+    assert Pipeline.from_engine(engines[0]).generate_ids(demo_image(1), "hi", 3)[0]

@@ -78,3 +78,10 @@ def test_tegrastats_is_sampled_when_present(engines, tmp_path, monkeypatch):
         profile.profile_engine(engines[0], repeats=1, warmup=0, new_tokens=2, progress=lambda _: None)
     summary = tegra.summary()
     assert summary["samples"] >= 1 and summary["gpu_load_pct"]["max"] == 40 and summary["power_in_mw"]["mean"] == 5200
+
+
+def test_soak_samples_memory_over_generations(engines):
+    from iwp import soak
+    result = soak.run(engines[0], generations=10, new_tokens=3, every=5, warmup=2, progress=lambda _: None)
+    assert [done for done, _ in result["rss_mb"]] == [0, 5, 10]
+    assert result["growth_mb"] == result["rss_mb"][-1][1] - result["rss_mb"][0][1]
