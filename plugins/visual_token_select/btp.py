@@ -47,6 +47,8 @@ class BTPConfig:
 def rebalanced_attention(attn: Tensor) -> Tensor:
     """[B, N] attention with its linear log-trend along the token order removed, renormalized to sum 1."""
     n = attn.shape[-1]
+    if n <= 2:  # a line through every point: nothing is left but a uniform distribution (exactly)
+        return torch.full_like(attn.float(), 1.0 / n)
     log_a = attn.float().clamp(min=1e-30).log()
     t = torch.linspace(-1.0, 1.0, n, device=attn.device)  # centred, so the slope is cov(t, log a)/var(t)
     slope = (log_a * t).sum(-1, keepdim=True) / t.square().sum()
@@ -56,8 +58,10 @@ def rebalanced_attention(attn: Tensor) -> Tensor:
 def spatial_spread(xy: Tensor, start: Tensor, count: int) -> Tensor:
     """Farthest-point spread of `count` tokens on the patch grid [B, N, 2], starting from `start` [B, N] top."""
     def neg_distance(chosen: Tensor) -> Tensor:  # larger = closer = more redundant
+        # Minus the *squared* distance: with lam=0 only its order matters, and it is the distance's order.
+        # Without the sqrt (whose float32 rounding differs between libraries) grid ties are exact everywhere.
         picked = xy.gather(1, chosen[:, :, None].expand(-1, -1, 2))
-        return -(xy[:, :, None, :] - picked[:, None, :, :]).square().sum(-1).sqrt()   # 2-D; exports everywhere
+        return -(xy[:, :, None, :] - picked[:, None, :, :]).square().sum(-1)   # 2-D; exports everywhere
     return pcmmr(start, neg_distance, count, lam=0.0)
 
 

@@ -477,6 +477,10 @@ std::vector<float> sumNormalized(std::vector<float> x)
 std::vector<float> rebalanced(std::vector<float> const& attn)
 {
     int64_t const n = static_cast<int64_t>(attn.size());
+    if (n <= 2) // a line through every point: exactly uniform
+    {
+        return std::vector<float>(n, 1.0F / static_cast<float>(n));
+    }
     std::vector<double> logA(n), t(n);
     double cov = 0, var = 0;
     for (int64_t i = 0; i < n; ++i)
@@ -667,8 +671,11 @@ py::array_t<int64_t> select(std::string const& method, py::array hiddenIn, py::a
                 std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(fraction * keep))));
             float const* xy = visualXy.data() + b * n * 2;
             auto negDistance = [&](int64_t i, int64_t c) {
-                double const dy = xy[2 * i] - xy[2 * c], dx = xy[2 * i + 1] - xy[2 * c + 1];
-                return static_cast<float>(-std::sqrt(dy * dy + dx * dx));
+                // in float, step by step as the reference computes it: grid distances tie exactly, and
+                // double arithmetic would round some of those ties apart
+                float const dy = xy[2 * i] - xy[2 * c], dx = xy[2 * i + 1] - xy[2 * c + 1];
+                float const dy2 = dy * dy, dx2 = dx * dx;
+                return -(dy2 + dx2); // squared: the distance's order, no sqrt (see btp.spatial_spread)
             };
             auto const seed = pcmmr(attn, negDistance, nSeed, 0.0, 1, 1.0);
             if (nSeed == keep)

@@ -38,7 +38,7 @@ enum SimKind : int
 {
     kSimUpdate = 0, // IWP's rank-1 update cosine (head-weighted RBF on centred keys times value cosine)
     kSimHidden = 1, // cosine of the visual hidden states
-    kSimXy = 2,     // minus the grid distance (BTP's spatial seeds)
+    kSimXy = 2,     // minus the squared grid distance (BTP's spatial seeds)
 };
 
 // ---------------------------------------------------------------------------------------------- helpers
@@ -633,8 +633,10 @@ __global__ void similarityKernel(SimData sim, int32_t const* rows, int64_t nRows
 #pragma unroll
             for (int c = 0; c < kSimCols; ++c)
             {
-                double const dy = xy[2 * token] - xy[2 * colToken[c]], dx = xy[2 * token + 1] - xy[2 * colToken[c] + 1];
-                total[c] = static_cast<float>(-sqrt(dy * dy + dx * dx));
+                // minus the squared distance in fp32 step by step, as the reference: grid ties stay exact
+                float const dy = __fsub_rn(xy[2 * token], xy[2 * colToken[c]]);
+                float const dx = __fsub_rn(xy[2 * token + 1], xy[2 * colToken[c] + 1]);
+                total[c] = -__fadd_rn(__fmul_rn(dy, dy), __fmul_rn(dx, dx));
             }
         }
         else
@@ -1010,6 +1012,14 @@ __global__ void rebalanceKernel(float* attn, int64_t visual)
     __shared__ float shared[32];
     int64_t const b = blockIdx.x;
     float* row = attn + b * visual;
+    if (visual <= 2) // a line through every point: exactly uniform
+    {
+        for (int64_t i = threadIdx.x; i < visual; i += blockDim.x)
+        {
+            row[i] = 1.0F / static_cast<float>(visual);
+        }
+        return;
+    }
     auto position = [&](int64_t i) { return visual == 1 ? -1.0F : -1.0F + 2.0F * i / static_cast<float>(visual - 1); };
     auto logA = [&](int64_t i) { return logf(fmaxf(row[i], 1e-30F)); };
     float cov = 0.0F, var = 0.0F;
