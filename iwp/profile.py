@@ -110,34 +110,20 @@ def _timed(backend):
 
 
 def _one_run(pipeline, image, prompt: str, new_tokens: int) -> dict:
-    from iwp.runtime import ort_ops
     from iwp.runtime._core import generate
-    from iwp.runtime.pipeline import OrtBackend, Sampler, _arena_buffer, _cache_names, _prefill_feeds
+    from iwp.runtime.pipeline import OrtBackend, Sampler
 
-    s, t = pipeline.sessions, {}
+    t = {}
     start = time.perf_counter()
     batch = pipeline._prepare(image, prompt)
     t["preprocess"] = time.perf_counter() - start
-    (embeds,) = s["embed"].run(None, {"input_ids": batch.input_ids.numpy()})
-    mark = time.perf_counter()
-    (features,) = s["vision"].run(None, {"pixel_values": batch.pixel_values.numpy()})
-    t["vision"] = time.perf_counter() - mark
-    begin, n = int(batch.visual_start[0]), batch.n_visual
-    embeds[0, begin:begin + n] = features[0]
-    selection_before = ort_ops.selection_seconds()
-    mark = time.perf_counter()
-    logits, *rest = s["prefill"].run(None, _prefill_feeds(batch, embeds))
-    t["prefill"] = time.perf_counter() - mark
-    t["selection"] = ort_ops.selection_seconds() - selection_before
+    logits, _, caches = pipeline._prefill(batch, timings=t)
     sampler = Sampler().core()
-    sampler.sample(logits[0, -1])                    # the first token
+    sampler.sample(logits)                           # the first token
     t["ttft"] = time.perf_counter() - start
-    arena = pipeline.arena
-    caches = rest[len(pipeline.manifest["method"]["stages"]):]
-    for (layer, part, _), cache in zip(_cache_names("present", pipeline.manifest["model"]["n_layers"]), caches):
-        _arena_buffer(arena, arena.past, layer, part)[...] = cache
-    timed = _timed(OrtBackend(s, pipeline.manifest))
-    generate(timed, arena, logits[0, -1], int(batch.positions[0, -1]) + 1, sampler, new_tokens, [], None)
+    pipeline._load_arena(caches)
+    timed = _timed(OrtBackend(pipeline.sessions, pipeline.manifest))
+    generate(timed, pipeline.arena, logits, int(batch.positions[0, -1]) + 1, sampler, new_tokens, [], None)
     t["end_to_end"] = time.perf_counter() - start
     t["decode_steps"] = timed.times
     return t

@@ -213,16 +213,32 @@ class Pipeline:
                       torch.tensor([start]), n, None, None, torch.tensor([t - 1]), None)
         return pad_to_length(batch, self.manifest["shapes"]["max_prompt"], self.manifest["tokens"]["pad"])
 
-    def _prefill(self, batch):
-        """Embed, vision and prefill: the last logits, each stage's kept indices and the caches."""
+    def _prefill(self, batch, timings: dict | None = None):
+        """Embed, vision and prefill: the last logits, each stage's kept indices and the caches. `timings`,
+        if given, gets the seconds of vision, prefill and the selection inside it (for `iwp profile`)."""
+        import time
+
+        from .ort_ops import selection_seconds
         s = self.sessions
         (embeds,) = s["embed"].run(None, {"input_ids": batch.input_ids.numpy()})
+        mark = time.perf_counter()
         (features,) = s["vision"].run(None, {"pixel_values": batch.pixel_values.numpy()})
+        vision = time.perf_counter() - mark
         start, n = int(batch.visual_start[0]), batch.n_visual
         embeds[0, start:start + n] = features[0]
+        selection, mark = selection_seconds(), time.perf_counter()
         logits, *rest = s["prefill"].run(None, _prefill_feeds(batch, embeds))
+        if timings is not None:
+            timings.update(vision=vision, prefill=time.perf_counter() - mark,
+                           selection=selection_seconds() - selection)
         n_stages = len(self.manifest["method"]["stages"])
         return logits[0, -1], rest[:n_stages], rest[n_stages:]
+
+    def _load_arena(self, caches) -> None:
+        """The prefill's caches into the arena's past set, where the first decode step reads them."""
+        arena = self.arena
+        for (layer, part, _), cache in zip(_cache_names("present", self.manifest["model"]["n_layers"]), caches):
+            _arena_buffer(arena, arena.past, layer, part)[...] = cache
 
     def _check_steps(self, max_new_tokens: int | None) -> int:
         steps = max_new_tokens or self.max_new_tokens
@@ -239,10 +255,8 @@ class Pipeline:
         sampler = sampler or Sampler()
         batch = self._prepare(image, prompt)
         logits, kept, caches = self._prefill(batch)
-        arena = self.arena
-        for (layer, part, _), cache in zip(_cache_names("present", self.manifest["model"]["n_layers"]), caches):
-            _arena_buffer(arena, arena.past, layer, part)[...] = cache
-        tokens = generate(OrtBackend(self.sessions, self.manifest), arena, logits, int(batch.positions[0, -1]) + 1,
+        self._load_arena(caches)
+        tokens = generate(OrtBackend(self.sessions, self.manifest), self.arena, logits, int(batch.positions[0, -1]) + 1,
                           sampler.core(), steps, [self.manifest["tokens"]["eos"]], on_token)
         return tokens, kept
 
