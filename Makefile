@@ -29,7 +29,8 @@ NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>
 
 RUNTIME_BUILD := build/runtime
 
-.PHONY: engine test test-slow test-gpu compare compare-trt profile bench-select bench-cuda plugins runtime clean
+.PHONY: engine test test-slow test-gpu compare compare-trt profile bench-select bench-cuda plugins runtime clean \
+	train calibrate eval bench
 
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
 $(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp $(wildcard runtime/core/*.cpp runtime/core/*.h)
@@ -89,6 +90,27 @@ compare-trt: $(STAMP)
 # Per-stage latency of ENGINE (and the measured/FLOP-ideal speedup against an unpruned BASELINE).
 profile: $(STAMP)
 	$(PY) -m iwp profile --engine "$(ENGINE)" $(if $(BASELINE),--baseline "$(BASELINE)")
+
+# Accuracy on OVQA: train the bundled ovqa-small (about 30 minutes on 2 cores), calibrate its BTP and IWP
+# defaults on the calibration split, evaluate every method x budget on the test split. MODEL is passed only
+# when given, so eval and calibrate default to ovqa-small.
+GIVEN_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL))
+EXAMPLES ?=
+
+train: $(STAMP)
+	$(PY) -m iwp train
+
+calibrate: $(STAMP)
+	$(PY) -m iwp calibrate --write-defaults $(GIVEN_MODEL)
+
+eval: $(STAMP)
+	$(PY) -m iwp eval $(GIVEN_MODEL) $(if $(GRID),--grid $(GRID)) $(if $(EXAMPLES),--examples $(EXAMPLES)) \
+		$(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") $(if $(ENGINE),--engine "$(ENGINE)")
+
+# Method x budget prefill latency on ONNX Runtime against unpruned, llava-ov-0.5b's architecture with
+# random weights (about 40 minutes and 20 GB of RAM on 2 cores); BENCHMARKS.md reports it.
+bench: $(STAMP)
+	$(PY) -m iwp bench --model llava-ov-0.5b --random-weights
 
 bench-select: $(STAMP)
 	$(PY) -m iwp bench-select

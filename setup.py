@@ -9,7 +9,8 @@ setup(
                                    extra_compile_args=["-O3"]),
                  Pybind11Extension("iwp.runtime._core",
                                    ["runtime/core/kv_arena.cpp", "runtime/core/sampler.cpp",
-                                    "runtime/core/generate.cpp", "runtime/core/bindings.cpp"], cxx_std=17,
+                                    "runtime/core/generate.cpp", "runtime/core/manifest.cpp",
+                                    "runtime/core/prompt.cpp", "runtime/core/bindings.cpp"], cxx_std=17,
                                    extra_compile_args=["-O3"])],
     cmdclass={"build_ext": build_ext},
 )

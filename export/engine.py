@@ -92,8 +92,11 @@ def inputs_hash(spec: EngineSpec, source: str) -> str:
 def _weights_identity(loaded) -> str:
     if loaded.source.startswith(("seed:", "random:")):
         return loaded.source
-    path = Path(loaded.source)  # a checkpoint directory: its config and weight index/file sizes
-    parts = [(p.name, p.stat().st_size) for p in sorted(path.glob("*.safetensors*")) + [path / "config.json"]]
+    # A checkpoint directory: its config and weights by content where that is cheap (a retrained model has the
+    # same sizes), by size and modification time for multi-GB checkpoints.
+    path = Path(loaded.source)
+    parts = [(p.name, sha256(p) if p.stat().st_size < 256 << 20 else [p.stat().st_size, p.stat().st_mtime_ns])
+             for p in sorted(path.glob("*.safetensors*")) + [path / "config.json"]]
     return json.dumps([loaded.source, parts])
 
 
@@ -116,6 +119,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     from iwp.demo import demo_image
     from iwp.plugins.visual_token_select import make_method
     from iwp.plugins.visual_token_select.contract import node_attributes
+    from iwp.processor import save_processor
     from iwp.zoo import load
 
     from .graphs import DecodeGraph, EmbedGraph, PREFILL_INPUTS, PrefillGraph, VisionGraph, export_program, save
@@ -165,7 +169,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
                 program = export_program(module, args, inputs, outputs, dynamic)
                 save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
                 del program
-        _save_processor(loaded.processor, staging)
+        save_processor(loaded.processor, staging)
         tensorrt = None
         if spec.backend == "tensorrt":
             from .tensorrt import build_plans
@@ -206,16 +210,6 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def _save_processor(processor, directory: Path) -> None:
-    processor.tokenizer.save_pretrained(directory)
-    processor.image_processor.save_pretrained(directory)
-    (directory / "chat_template.jinja").write_text(processor.chat_template)
-    (directory / "processor_config.json").write_text(json.dumps({
-        "num_image_tokens": processor.num_image_tokens,
-        "vision_feature_select_strategy": processor.vision_feature_select_strategy,
-        "vision_aspect_ratio": processor.vision_aspect_ratio}))
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

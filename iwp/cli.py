@@ -6,9 +6,14 @@
     iwp calibrate     BTP stage layers from adjacent-layer hidden-state change
     iwp ablate        IWP's open choices, one at a time around the defaults
     iwp bench-select  IWP selection time on CPU
+    iwp bench         prefill speedup of every method x budget against unpruned, with the FLOP-ideal (ONNX Runtime)
     iwp bench-cuda    VisualTokenSelect CUDA kernel times (GPU)
     iwp profile       per-stage latency, memory and the FLOP-ideal ratio of an engine (JSON, Markdown, PNG)
     iwp compare-trt   an engine's TensorRT plans against ONNX Runtime
+    iwp train         train ovqa-small on the OVQA benchmark (CPU, about 30 minutes)
+    iwp eval          visual-QA accuracy per method x budget (OVQA or a JSONL benchmark), JSON/Markdown/PNG
+    iwp ovqa-export   an OVQA split as a JSONL file and PNG images (the format `iwp eval --data` reads)
+    iwp prepare       token ids and pixel values of one image and prompt, for the C++ app iwp_generate
 """
 from __future__ import annotations
 
@@ -161,15 +166,39 @@ def cmd_compare(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from iwp.calibration.layer_similarity import adjacent_layer_change, choose_stage_layers
+    from iwp.calibration.calibrate import calibrate, markdown
+    from .atomic import staged_directory
+    from .evaluate import budgets_from_fractions, ovqa_items
+    from .zoo import METHOD_DEFAULTS, bundled_dir, load
 
-    loaded, model = _load(args)
-    batch = _demo_batch(loaded, args)
-    change = adjacent_layer_change(model, model.embed(batch), batch)
-    print("| layer | 1 - cos(h_l, h_l+1) |\n|---|---|")
-    for layer, value in enumerate(change.tolist()):
-        print(f"| {layer} | {value:.4f} |")
-    print(f"btp stage layers ({args.stages} stages): {choose_stage_layers(change, args.stages)}")
+    loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
+    if args.write_defaults and not loaded.spec.bundled:
+        raise ValueError(f"--write-defaults writes a bundled model's defaults; {loaded.spec.name} is not bundled, "
+                         f"so pass the printed values as --option instead")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"btp", "iwp"})
+    if unknown:
+        raise ValueError(f"calibrate knows btp and iwp, not {unknown}")
+    items = ovqa_items("calibration", args.examples)
+    budgets = budgets_from_fractions(_csv(args.fractions, float), loaded.n_visual)
+    result = calibrate(loaded, items, methods, args.stages, budgets, batch_size=args.batch_size,
+                       progress=lambda line: print(line, flush=True))
+    text = markdown(result)
+    with staged_directory(Path(args.out) / f"{loaded.spec.name}-{loaded.spec.grid_name}") as staging:
+        (staging / "calibration.json").write_text(json.dumps(result, indent=1))
+        (staging / "calibration.md").write_text(text)
+    if args.write_defaults:   # beside the weights: the defaults and the sweep that chose them
+        directory = bundled_dir(loaded.spec.name)
+        defaults = {**loaded.spec.method_defaults, **result["defaults"]}
+        for name, content in ((METHOD_DEFAULTS, json.dumps(defaults, indent=1)), ("calibration.md", text),
+                              ("calibration.json", json.dumps(result, indent=1))):
+            tmp = directory / f".{name}.tmp"
+            tmp.write_text(content)
+            tmp.replace(directory / name)   # atomic per file
+    print(text)
+    for method, options in result["defaults"].items():
+        flags = " ".join(f"--option {k}={json.dumps(v, separators=(',', ':'))}" for k, v in options.items())
+        print(f"{method}: {flags}")
 
 
 def cmd_ablate(args) -> None:
@@ -223,6 +252,95 @@ def cmd_soak(args) -> None:
           f"{result['growth_mb']:+.1f} MB")
 
 
+def method_options_for(spec, methods, items: list[str]) -> dict:
+    """Per-method options: the model's calibrated defaults, then --option method.name=value."""
+    overrides: dict = {}
+    for item in items:
+        name, dot, rest = item.partition(".")
+        if not dot:
+            raise ValueError(f"--option {item!r} must name its method, e.g. iwp.lam=0.5")
+        overrides.setdefault(name, []).append(rest)
+    unknown = sorted(set(overrides) - set(methods))
+    if unknown:
+        raise ValueError(f"--option names method(s) {unknown} that are not evaluated; evaluated: {', '.join(methods)}")
+    return {m: _method_options(spec, m, parse_options(overrides.get(m, []))) for m in methods if m != "none"}
+
+
+def _csv(text: str, kind):
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+
+
+def cmd_eval(args) -> None:
+    from .eval_report import markdown, write
+    from .evaluate import budgets_from_fractions, engine_agreement, jsonl_items, ovqa_items, sweep
+    from .zoo import load
+
+    loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
+    items = jsonl_items(args.data, args.prompt_suffix) if args.data else ovqa_items(args.split, args.examples)
+    budgets = (sorted(set(_csv(args.budgets, int))) if args.budgets
+               else budgets_from_fractions(_csv(args.fractions, float), loaded.n_visual))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    options = method_options_for(loaded.spec, methods, args.option)
+    report = sweep(loaded, items, methods, budgets, options, args.metric, args.batch_size,
+                   progress=lambda line: print(line, flush=True))
+    report["items"] = str(args.data) if args.data else f"OVQA {args.split}"
+    engine_items = items[: args.engine_examples]
+    report["engines"] = [engine_agreement(e, loaded, engine_items, args.metric, lambda line: print(line, flush=True))
+                         for e in args.engine]
+    source = Path(args.data).stem if args.data else f"ovqa-{args.split}"
+    out = write(report, Path(args.out) / f"{loaded.spec.name}-{loaded.spec.grid_name}-{source}")
+    print(markdown(report))
+    print(f"report    {out}/eval.json, eval.md, eval.png")
+
+
+def cmd_train(args) -> None:
+    from .train import TrainConfig, train
+    from .zoo import bundled_dir
+    config = TrainConfig(**{k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("seed", args.seed))
+                            if v is not None})
+    out = Path(args.out) if args.out else bundled_dir("ovqa-small")
+    summary = train(out, config, progress=lambda line: print(line, flush=True))
+    print(f"trained   {out} in {summary['seconds'] / 60:.1f} min; dev accuracy "
+          f"{summary['history'][-1]['dev_accuracy']:.1%}")
+
+
+def cmd_prepare(args) -> None:
+    """The inputs of the C++ example app: the prompt's token ids and the processor's pixel values."""
+    import numpy as np
+    import onnx
+
+    from iwp.processor import processor_from_checkpoint
+    from iwp.runtime.pipeline import prepare, read_manifest
+    directory = Path(args.engine)
+    manifest = read_manifest(directory, verify_files=False)
+    batch = prepare(directory, manifest, processor_from_checkpoint(directory), args.image, args.prompt)
+    ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()      # unpadded: the app pads
+    vision = onnx.load(str(directory / "vision.onnx"), load_external_data=False).graph.input[0]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(vision.type.tensor_type.elem_type)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.ids").write_text(" ".join(map(str, ids)) + "\n")
+    Path(f"{out}.pixels").write_bytes(np.ascontiguousarray(batch.pixel_values.numpy().astype(dtype)).tobytes())
+    print(f"wrote     {out}.ids ({len(ids)} tokens) and {out}.pixels ({dtype.name}, "
+          f"{tuple(batch.pixel_values.shape)}) for iwp_generate")
+
+
+def cmd_ovqa_export(args) -> None:
+    from iwp.calibration.ovqa import export_jsonl
+    path = export_jsonl(args.split, args.examples, Path(args.out))
+    print(f"wrote     {path} ({args.examples} questions, images beside it)")
+
+
+def cmd_bench(args) -> None:
+    from .bench import run
+    run(args.model, _csv(args.methods, str), _csv(args.budgets, int), args.repeats, args.warmup,
+        args.random_weights, args.model_path, out=Path(args.out), progress=lambda line: print(line, flush=True),
+        backend=args.backend, device=args.device, dtype=args.dtype, grid=args.grid)
+
+
 def cmd_bench_cuda(args) -> None:
     from .bench_cuda import run
     run(args.repeats)
@@ -271,10 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     _scene_args(p, images=4)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("calibrate", help="choose BTP stage layers from hidden-state change")
+    p = sub.add_parser("calibrate", help="choose BTP stage layers and IWP options on the OVQA calibration split")
     _model_args(p)
-    p.add_argument("--stages", type=positive_int, default=3)
-    _scene_args(p, images=8)
+    p.set_defaults(model="ovqa-small")
+    p.add_argument("--methods", default="btp,iwp", help="btp, iwp or both")
+    p.add_argument("--stages", type=positive_int, default=3, help="BTP stages")
+    p.add_argument("--examples", type=positive_int, default=300, help="OVQA calibration questions")
+    p.add_argument("--fractions", default="0.05,0.1,0.25", help="budgets (fractions of N) IWP is scored at")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--write-defaults", action="store_true",
+                   help="write the chosen values into the bundled model's method_defaults.json")
+    p.add_argument("--out", default="calibrations", help="the sweep goes to OUT/<model>-<grid>/")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("ablate", help="IWP's options one at a time around the defaults")
@@ -307,6 +432,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=positive_int, default=1000)
     p.add_argument("--new-tokens", type=positive_int, default=16)
     p.set_defaults(func=cmd_soak)
+
+    p = sub.add_parser("eval", help="visual-QA accuracy per method x budget")
+    _model_args(p)
+    p.set_defaults(model="ovqa-small")
+    p.add_argument("--methods", default="none,iwp,btp,transprune,fastv,dart,divprune,random")
+    p.add_argument("--budgets", default=None, help="visual tokens kept, comma-separated (default: --fractions of N)")
+    p.add_argument("--fractions", default="0.05,0.1,0.15,0.25,0.5", help="budgets as fractions of N")
+    p.add_argument("--split", default="test", choices=["train", "calibration", "test"], help="OVQA split")
+    p.add_argument("--examples", type=positive_int, default=500, help="OVQA questions")
+    p.add_argument("--data", default=None, help="a JSONL VQA file instead of OVQA (the bridge for real checkpoints)")
+    p.add_argument("--metric", default="exact", choices=["exact", "vqa"])
+    p.add_argument("--prompt-suffix", default="", help="appended to every JSONL question, e.g. "
+                   "'Answer the question using a single word or phrase.'")
+    p.add_argument("--option", action="append", default=[], help="method option method.name=value, repeatable")
+    p.add_argument("--engine", action="append", default=[], help="also answer through this ONNX Runtime engine "
+                   "and compare with PyTorch (repeatable)")
+    p.add_argument("--engine-examples", type=positive_int, default=100, help="questions run through each engine")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--out", default="evals", help="reports go to OUT/<model>-<grid>-<source>/")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="train ovqa-small on the OVQA train split")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--batch", type=positive_int, default=None, help="images per step (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=None, help="(default: the recipe's)")
+    p.add_argument("--out", default=None, help="model directory (default: the bundled iwp/weights/ovqa-small)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="token ids and pixel values of one image and prompt, for the C++ app")
+    p.add_argument("--engine", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="writes OUT.ids and OUT.pixels")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("ovqa-export", help="write an OVQA split as JSONL + PNG images")
+    p.add_argument("--split", default="test", choices=["train", "calibration", "test"])
+    p.add_argument("--examples", type=positive_int, default=500)
+    p.add_argument("--out", default="ovqa-test", help="directory for questions.jsonl and images/")
+    p.set_defaults(func=cmd_ovqa_export)
+
+    p = sub.add_parser("bench", help="prefill speedup of every method x budget against unpruned (ONNX Runtime)")
+    p.add_argument("--model", default="llava-ov-0.5b")
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--random-weights", action="store_true", help="real-size architecture, random weights")
+    p.add_argument("--methods", default="none,iwp,btp,transprune,fastv,dart,divprune")
+    p.add_argument("--budgets", default="64,128,256,576")
+    p.add_argument("--grid", default=None, help="crop grid RxC (default: the preset's)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="torch backend's dtype")
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", default="benchmarks", help="reports go to OUT/<model>-<grid>/")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-cuda", help="VisualTokenSelect CUDA kernel times (needs a GPU)")
     p.add_argument("--repeats", type=positive_int, default=50)

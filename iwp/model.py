@@ -108,7 +108,8 @@ class PrunedLlavaOnevision(torch.nn.Module):
 
     @torch.no_grad()
     def prefill(self, embeds: Tensor, batch: Batch, method=None, plan: Plan | None = None,
-                max_new_tokens: int = 0, last_logits_only: bool = False, native_select: bool = False) -> Prefill:
+                max_new_tokens: int = 0, last_logits_only: bool = False, native_select: bool = False,
+                selector=None) -> Prefill:
         b, t, _ = embeds.shape
         n = batch.n_visual
         stages = dict(plan.stages) if method is not None else {}
@@ -131,8 +132,11 @@ class PrunedLlavaOnevision(torch.nn.Module):
                 n_alive = original.shape[1]
                 view = LayerView(h, q, k, q_rot, k_rot, v, key_mask, visual_start, n_alive, query_idx,
                                  batch.query_mask, last_idx, xy, ttv, index, stage_of[index], len(stages))
-                # one iwp op node, or (native) the reference inlined as plain ONNX ops
-                keep = method.select(view, stages[index]) if native_select else select(method, view, stages[index])
+                # one iwp op node, or (native) the reference inlined as plain ONNX ops, or a given kernel
+                if selector is not None:
+                    keep = selector(method, view, stages[index])
+                else:
+                    keep = method.select(view, stages[index]) if native_select else select(method, view, stages[index])
                 src = compact_index(visual_start, n_alive, keep, h.shape[1])
                 h, q_rot, k_rot, v = _take(h, src), _take(q_rot, src), _take(k_rot, src), _take(v, src)
                 positions, key_mask = _take(positions, src), _take(key_mask, src)
@@ -180,9 +184,11 @@ class PrunedLlavaOnevision(torch.nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: Batch, method=None, plan: Plan | None = None, max_new_tokens: int = 32,
-                 eos_token_id: int | None = None) -> tuple[Tensor, Prefill]:
-        """Greedy decoding. Returns (tokens [B, <= max_new_tokens], the prefill)."""
-        pre = self.prefill(self.embed(batch), batch, method, plan, max_new_tokens)
+                 eos_token_id: int | None = None, embeds: Tensor | None = None) -> tuple[Tensor, Prefill]:
+        """Greedy decoding. Returns (tokens [B, <= max_new_tokens], the prefill). `embeds` (from `embed`)
+        lets several methods share one vision pass."""
+        embeds = self.embed(batch) if embeds is None else embeds
+        pre = self.prefill(embeds, batch, method, plan, max_new_tokens)
         token = pre.logits[:, -1].argmax(dim=-1)
         out, done, position = [token], token == eos_token_id, pre.next_position
         for step in range(max_new_tokens - 1):

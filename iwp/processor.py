@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlavaOnevisionProcessor, Qwen2TokenizerFast
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
@@ -35,11 +35,19 @@ class ImageProcessor(LlavaOnevisionProcessor):
         super().__init__(image_processor, tokenizer, None, **kwargs)
 
 
-def byte_level_tokenizer() -> Qwen2TokenizerFast:
+def byte_level_tokenizer(texts=None, vocab_size: int = 0) -> Qwen2TokenizerFast:
+    """Byte-level BPE: with no `texts`, no merges (every byte is a token); with `texts`, merges learned from
+    them up to `vocab_size` (every byte stays in the vocabulary, so any text still encodes)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    if texts is None:
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    else:
+        tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    if texts is not None:
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
+                                                           special_tokens=list(SPECIAL_TOKENS), show_progress=False))
     return Qwen2TokenizerFast(
         tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|im_end|>",
         pad_token="<|endoftext|>", additional_special_tokens=list(SPECIAL_TOKENS))
@@ -52,9 +60,9 @@ def image_processor_for(image_size: int, pinpoints: list[list[int]]) -> LlavaOne
         image_grid_pinpoints=pinpoints)
 
 
-def local_processor(image_size: int, patch_size: int, pinpoints: list[list[int]]) -> ImageProcessor:
+def local_processor(image_size: int, patch_size: int, pinpoints: list[list[int]], tokenizer=None) -> ImageProcessor:
     return ImageProcessor(
-        image_processor=image_processor_for(image_size, pinpoints), tokenizer=byte_level_tokenizer(),
+        image_processor=image_processor_for(image_size, pinpoints), tokenizer=tokenizer or byte_level_tokenizer(),
         num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE)
 
@@ -77,3 +85,14 @@ def processor_from_checkpoint(path: Path) -> ImageProcessor:
         vision_feature_select_strategy=settings.get("vision_feature_select_strategy", "full"),
         vision_aspect_ratio=settings.get("vision_aspect_ratio", "anyres_max_9"),
         chat_template=template or CHAT_TEMPLATE)
+
+
+def save_processor(processor: ImageProcessor, directory: Path) -> None:
+    """Write the files processor_from_checkpoint reads back: tokenizer, image processor, template, settings."""
+    processor.tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(processor.chat_template)
+    (directory / "processor_config.json").write_text(json.dumps({
+        "num_image_tokens": processor.num_image_tokens,
+        "vision_feature_select_strategy": processor.vision_feature_select_strategy,
+        "vision_aspect_ratio": processor.vision_aspect_ratio}))

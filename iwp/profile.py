@@ -20,12 +20,13 @@ import resource
 import shutil
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import staged_directory
 
 STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode_per_token", "end_to_end")
 
@@ -242,20 +243,10 @@ def plot(report: dict, baseline: dict | None, path: Path) -> None:
 
 def write_report(report: dict, baseline: dict | None, out_dir: Path) -> Path:
     """profile.json, profile.md and profile.png, all or nothing: staged, then renamed into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         (staging / "profile.json").write_text(json.dumps({**report, "baseline_report": baseline}, indent=1))
         (staging / "profile.md").write_text(markdown(report))
         plot(report, baseline, staging / "profile.png")
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

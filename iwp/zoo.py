@@ -2,6 +2,8 @@
 
 - tiny-llava-ov: the real HF classes (SigLIP tower, projector, Qwen2 LM) at small sizes, seeded random
   weights and a local byte-level tokenizer. Builds in about a second with no download.
+- ovqa-small: the same classes trained on the OVQA benchmark (calibration/ovqa.py) by `make train`; its
+  weights, processor and calibrated method defaults ship in iwp/weights/ovqa-small.
 - llava-ov-0.5b / llava-ov-7b: real checkpoints from MODEL_PATH or the HF cache; with random_weights the
   real-size architecture from the config stored in iwp/configs (for latency work, no download).
 
@@ -22,6 +24,8 @@ from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGener
 from .processor import ImageProcessor, local_processor, processor_from_checkpoint
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"   # models trained here and shipped with iwp
+METHOD_DEFAULTS = "method_defaults.json"          # calibrated per-method options, beside bundled weights
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class ModelSpec:
     grid: tuple[int, int]             # high-res crops (rows, cols) beside the base crop
     budget: int                       # default BUDGET for `make engine`
     method_defaults: dict = field(default_factory=dict)  # per-method option overrides, e.g. chosen layers
+    bundled: bool = False             # weights in WEIGHTS_DIR/<name>, made by `make train`
 
     def __post_init__(self):
         rows, cols = self.grid
@@ -44,6 +49,7 @@ class ModelSpec:
 
 PRESETS = {
     "tiny-llava-ov": ModelSpec("tiny-llava-ov", None, grid=(2, 2), budget=64),
+    "ovqa-small": ModelSpec("ovqa-small", None, grid=(1, 1), budget=64, bundled=True),
     "llava-ov-0.5b": ModelSpec("llava-ov-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", grid=(1, 1), budget=128),
     "llava-ov-7b": ModelSpec("llava-ov-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", grid=(1, 1), budget=128),
 }
@@ -56,7 +62,19 @@ def get_spec(name: str, grid: str | None = None) -> ModelSpec:
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
     spec = PRESETS[name]
+    if spec.bundled and (bundled_dir(name) / METHOD_DEFAULTS).is_file():  # written by `iwp calibrate`
+        defaults = json.loads((bundled_dir(name) / METHOD_DEFAULTS).read_text())
+        spec = dataclasses.replace(spec, method_defaults={m: _tuples(o) for m, o in defaults.items()})
     return dataclasses.replace(spec, grid=parse_grid(grid)) if grid else spec
+
+
+def bundled_dir(name: str) -> Path:
+    return WEIGHTS_DIR / name
+
+
+def _tuples(options: dict) -> dict:
+    """JSON lists back to the tuples the method configs hold."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
 def parse_grid(text: str) -> tuple[int, int]:
@@ -148,6 +166,14 @@ def _checkpoint_dir(spec: ModelSpec, model_path: str | None) -> Path:
 def load(name: str, *, grid: str | None = None, model_path: str | None = None,
          random_weights: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
     spec = get_spec(name, grid)
+    if spec.bundled:
+        if model_path or random_weights:
+            raise ValueError(f"{name} ships its trained weights; drop MODEL_PATH and RANDOM_WEIGHTS")
+        path = bundled_dir(name)
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{name} has no weights in {path}; train them with `make train`")
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        return Loaded(spec, model.eval(), processor_from_checkpoint(path), str(path))
     if spec.hf_id is None:
         if model_path:
             raise ValueError(f"{name} is built locally from a seed; drop MODEL_PATH or pick a real model")

@@ -161,6 +161,31 @@ class OrtBackend(CoreBackend):
         return self._logits.reshape(-1)
 
 
+def prepare(directory: Path, manifest: dict, processor, image, prompt: str):
+    """Processor inputs for one image and prompt, left-padded to the engine's fixed prompt length."""
+    import torch
+    from iwp.inputs import Batch, load_image, pad_to_length
+    m = manifest["model"]
+    height, width = m["resolution"]
+    image = load_image(image).resize((width, height))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True)
+    if text.count(processor.image_token) != 1:
+        raise ValueError(f"the prompt holds {processor.image_token}; remove it (one image per prompt)")
+    enc = processor(images=[image], text=[text], return_tensors="pt")
+    ids, n = enc["input_ids"], m["n_visual"]
+    is_image = ids[0] == processor.image_token_id
+    if int(is_image.sum()) != n:
+        raise ValueError(f"engine {directory}: the processor gives {int(is_image.sum())} image tokens but "
+                         f"the engine expects {n}; {REBUILD}")
+    t, start = ids.shape[1], int(is_image.int().argmax())
+    # positions and queries are recomputed by pad_to_length; only the image block's start matters here
+    batch = Batch(ids, enc["attention_mask"], None, enc["pixel_values"], enc["image_sizes"],
+                  torch.tensor([start]), n, None, None, torch.tensor([t - 1]), None)
+    return pad_to_length(batch, manifest["shapes"]["max_prompt"], manifest["tokens"]["pad"])
+
+
 class Pipeline:
     def __init__(self, directory: Path, manifest: dict, processor, sessions: dict):
         self.directory, self.manifest, self.processor, self.sessions = directory, manifest, processor, sessions
@@ -190,28 +215,7 @@ class Pipeline:
         return self.manifest["shapes"]["max_new_tokens"]
 
     def _prepare(self, image, prompt: str):
-        """Processor inputs for one image and prompt, left-padded to the engine's fixed prompt length."""
-        import torch
-        from iwp.inputs import Batch, load_image, pad_to_length
-        m = self.manifest["model"]
-        height, width = m["resolution"]
-        image = load_image(image).resize((width, height))
-        text = self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-            add_generation_prompt=True)
-        if text.count(self.processor.image_token) != 1:
-            raise ValueError(f"the prompt holds {self.processor.image_token}; remove it (one image per prompt)")
-        enc = self.processor(images=[image], text=[text], return_tensors="pt")
-        ids, n = enc["input_ids"], m["n_visual"]
-        is_image = ids[0] == self.processor.image_token_id
-        if int(is_image.sum()) != n:
-            raise ValueError(f"engine {self.directory}: the processor gives {int(is_image.sum())} image tokens but "
-                             f"the engine expects {n}; {REBUILD}")
-        t, start = ids.shape[1], int(is_image.int().argmax())
-        # positions and queries are recomputed by pad_to_length; only the image block's start matters here
-        batch = Batch(ids, enc["attention_mask"], None, enc["pixel_values"], enc["image_sizes"],
-                      torch.tensor([start]), n, None, None, torch.tensor([t - 1]), None)
-        return pad_to_length(batch, self.manifest["shapes"]["max_prompt"], self.manifest["tokens"]["pad"])
+        return prepare(self.directory, self.manifest, self.processor, image, prompt)
 
     def _prefill(self, batch, timings: dict | None = None):
         """Embed, vision and prefill: the last logits, each stage's kept indices and the caches. `timings`,

@@ -1,4 +1,6 @@
 """The `iwp` command line: what a user sees, and one-line errors with exit code 2."""
+import json
+
 import pytest
 import torch
 
@@ -66,17 +68,41 @@ def test_compare_prints_every_method(capsys):
     assert "recon error @ layer 2" in out and "KL next-token" in out
 
 
-def test_calibrate_prints_btp_layers(capsys):
-    code, out, _ = run(capsys, "calibrate", "--images", "2", "--stages", "3")
-    assert code == 0 and "btp stage layers (3 stages)" in out
+def test_calibrate_chooses_btp_layers_and_iwp_options(capsys, tmp_path):
+    code, out, _ = run(capsys, "calibrate", "--model", "tiny-llava-ov", "--examples", "3", "--stages", "3",
+                       "--fractions", "0.1", "--out", str(tmp_path))
+    assert code == 0 and "Chosen stage layers (3 stages)" in out and "| 0.3 |" in out
+    result = json.loads((tmp_path / "tiny-llava-ov-2x2" / "calibration.json").read_text())
+    layers = result["defaults"]["btp"]["layers"]
+    assert len(layers) == 3 and layers == sorted(set(layers))
+    tried = result["iwp"]["tried"]
+    assert result["defaults"]["iwp"] in [t["options"] for t in tried] and len(tried) >= 15
+    assert {t["options"]["lam"] for t in tried} >= {0.0, 0.3, 1.0}
+    assert "--option layers=" in out
+
+
+def test_calibrate_writes_defaults_only_for_bundled_models(capsys):
+    code, _, err = run(capsys, "calibrate", "--model", "tiny-llava-ov", "--write-defaults")
+    assert code == 2 and "not bundled" in err
+
+
+def test_layer_choice_prefers_the_earliest_within_tolerance():
+    from iwp.calibration.calibrate import choose_layer
+    assert choose_layer({1: 0.80, 2: 0.905, 3: 0.91}, 0.01) == 2
+    assert choose_layer({1: 0.90, 2: 0.905, 3: 0.91}, 0.01) == 1
+    assert choose_layer({1: 0.5, 2: 0.9, 3: 0.8}, 0.0) == 2
 
 
 def test_flop_model_matches_published_llava15_figures():
     d, m, layers = 4096, 11008, 32  # LLaVA-1.5-7B
     full = prefill_flops((576,) * layers, d, m)
     fastv = prefill_flops((576,) * 2 + (288,) * (layers - 2), d, m)  # K=2, R=50%
+    # TransPrune-High (arXiv 2507.20630; its eval scripts): prunes after layers 7, 9 and 12 to 7/8, 5/8 and 1/8
+    # of the 576 tokens, i.e. 504, 360 and 72 from 0-indexed layers 7, 9 and 12 on
+    transprune_high = prefill_flops((576,) * 7 + (504,) * 2 + (360,) * 3 + (72,) * 20, d, m)
     assert round(full / 1e12, 2) == 3.82
     assert round(fastv / 1e12, 2) == 2.01
+    assert round(transprune_high / 1e12, 2) == 1.56
     assert layer_flops(0, d, m) == 0
     assert describe_counts((5, 5, 3)) == "5x2 3x1"
 

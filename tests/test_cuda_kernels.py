@@ -136,14 +136,24 @@ def _tensorrt_include() -> Path | None:
     return None
 
 
+TENSORRT_SOURCES = {  # the sources that need TensorRT's headers, with their own include folders
+    "plugin": (FOLDER / "plugin.cpp", []),
+    "runtime backend": (ROOT / "runtime" / "tensorrt" / "trt_engine.cpp", [ROOT / "runtime" / "core"]),
+    "example app": (ROOT / "runtime" / "examples" / "iwp_generate.cpp",
+                    [ROOT / "runtime" / "core", ROOT / "runtime" / "tensorrt"]),
+}
+
+
 @pytest.mark.skipif(_tensorrt_include() is None, reason="TensorRT headers not found (set TENSORRT_ROOT)")
-def test_plugin_compiles_against_tensorrt():
+@pytest.mark.parametrize("name", sorted(TENSORRT_SOURCES))
+def test_tensorrt_sources_compile(name):
     cuda_include = next((p for p in (Path("/usr/local/cuda/include"),) if p.exists()), None)
     if shutil.which("g++") is None or cuda_include is None:
         pytest.skip("g++ or the CUDA headers are missing")
+    source, includes = TENSORRT_SOURCES[name]
     result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
                              "-isystem", str(_tensorrt_include()), "-isystem", str(cuda_include),
-                             str(FOLDER / "plugin.cpp")], capture_output=True, text=True)
+                             *[f"-I{i}" for i in includes], str(source)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

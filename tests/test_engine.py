@@ -202,6 +202,32 @@ def test_arena_is_sized_from_the_manifest(pipeline):
         arena.key(0, m["model"]["n_layers"])
 
 
+def test_core_reads_the_manifest_and_pads_prompts_as_python_does(pipeline, built):
+    """The C++ manifest reader and prefill inputs (what a C++ app uses) against the Python pipeline's own."""
+    from iwp.export.engine import FORMAT
+    from iwp.runtime import _core
+    assert _core.MANIFEST_FORMAT == FORMAT
+    core, m = _core.read_manifest(str(built)), pipeline.manifest
+    assert (core.n_visual, core.max_prompt, core.cache_len, core.prefill_len, core.stages) == (
+        m["model"]["n_visual"], m["shapes"]["max_prompt"], m["shapes"]["cache_len"], m["shapes"]["prefill_len"], 1)
+    assert (core.image_token, core.eos_token, core.pad_token, core.dtype) == (
+        m["tokens"]["image"], m["tokens"]["eos"], m["tokens"]["pad"], "fp32")
+    for prompt in ("hi", "What colour is the largest shape on the left?"):
+        batch = pipeline._prepare(demo_image(0), prompt)
+        ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()      # the processor's unpadded ids
+        inputs = _core.prefill_inputs(ids, core)
+        assert np.array_equal(inputs["input_ids"], batch.input_ids.numpy())
+        for name in ("attention_mask", "positions", "visual_start", "query_idx", "query_mask", "last_idx"):
+            assert np.array_equal(inputs[name], getattr(batch, name).numpy()), name
+        assert inputs["next_position"] == int(batch.positions[0, -1]) + 1
+    with pytest.raises(ValueError, match="capacity is 432"):
+        _core.prefill_inputs([m["tokens"]["image"]] * 433, core)
+    with pytest.raises(ValueError, match="expects 336"):
+        _core.prefill_inputs([1, 2, 3], core)
+    with pytest.raises(RuntimeError, match="no readable manifest.json"):
+        _core.read_manifest("/nonexistent")
+
+
 def test_streaming_callback_can_stop_generation(pipeline):
     seen = []
     ids, _ = pipeline.generate_ids(demo_image(5), "What is here?", 16, on_token=lambda t: seen.append(t) or len(seen) < 3)
@@ -221,3 +247,19 @@ def test_two_processes_building_the_same_engine_leave_it_intact(tmp_path):
     assert [p.name for p in engines] == ["tiny-llava-ov-iwp-b40-2x2"]       # no staging or .old directories
     read_manifest(engines[0])                                                # every file matches its hash
     assert Pipeline.from_engine(engines[0]).generate_ids(demo_image(1), "hi", 3)[0]
+
+
+def test_prepare_writes_the_cpp_apps_inputs(built, pipeline, tmp_path):
+    """`iwp prepare`: unpadded ids the C++ core pads to the pipeline's own batch, and the raw pixel values."""
+    from iwp.cli import main
+    from iwp.runtime import _core
+    image = tmp_path / "scene.png"
+    demo_image(2).save(image)
+    main(["prepare", "--engine", str(built), "--image", str(image), "--prompt", "What is here?",
+          "--out", str(tmp_path / "p")])
+    ids = [int(x) for x in (tmp_path / "p.ids").read_text().split()]
+    batch = pipeline._prepare(str(image), "What is here?")
+    padded = _core.prefill_inputs(ids, _core.read_manifest(str(built)))["input_ids"]
+    assert np.array_equal(padded, batch.input_ids.numpy())
+    pixels = np.frombuffer((tmp_path / "p.pixels").read_bytes(), dtype=np.float32)
+    assert np.array_equal(pixels, batch.pixel_values.numpy().reshape(-1))

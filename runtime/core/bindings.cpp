@@ -2,6 +2,8 @@
 // implements Backend.decode, so the decode loop below is the same C++ loop a C++ app drives.
 #include "generate.h"
 #include "kv_arena.h"
+#include "manifest.h"
+#include "prompt.h"
 #include "sampler.h"
 
 #include <pybind11/functional.h>
@@ -66,7 +68,52 @@ py::dtype cacheDtype(KvArena const& arena)
 PYBIND11_MODULE(_core, m)
 {
     using namespace iwp;
-    m.doc() = "iwp's runtime core: the KV arena, the samplers and the decode loop";
+    m.doc() = "iwp's runtime core: the KV arena, the samplers, the decode loop and the engine manifest";
+    m.attr("MANIFEST_FORMAT") = kManifestFormat;
+
+    py::class_<EngineManifest>(m, "EngineManifest")
+        .def_readonly("directory", &EngineManifest::directory)
+        .def_readonly("model", &EngineManifest::model)
+        .def_readonly("method", &EngineManifest::method)
+        .def_readonly("dtype", &EngineManifest::dtype)
+        .def_readonly("n_layers", &EngineManifest::nLayers)
+        .def_readonly("n_kv_heads", &EngineManifest::nKvHeads)
+        .def_readonly("head_dim", &EngineManifest::headDim)
+        .def_readonly("hidden_size", &EngineManifest::hiddenSize)
+        .def_readonly("vocab_size", &EngineManifest::vocabSize)
+        .def_readonly("n_visual", &EngineManifest::nVisual)
+        .def_readonly("max_prompt", &EngineManifest::maxPrompt)
+        .def_readonly("max_new_tokens", &EngineManifest::maxNewTokens)
+        .def_readonly("prefill_len", &EngineManifest::prefillLen)
+        .def_readonly("cache_len", &EngineManifest::cacheLen)
+        .def_readonly("stages", &EngineManifest::stages)
+        .def_readonly("image_token", &EngineManifest::imageToken)
+        .def_readonly("eos_token", &EngineManifest::eosToken)
+        .def_readonly("pad_token", &EngineManifest::padToken);
+    m.def("read_manifest", &readManifest, py::arg("directory"), "An engine directory's manifest.json, read in C++.");
+    m.def(
+        "prefill_inputs",
+        [](std::vector<int32_t> const& ids, EngineManifest const& manifest) {
+            PrefillInputs in = makePrefillInputs(ids, manifest);
+            auto row = [](auto const& values) {
+                using T = typename std::decay_t<decltype(values)>::value_type;
+                py::array_t<T> out({py::ssize_t(1), static_cast<py::ssize_t>(values.size())});
+                std::copy(values.begin(), values.end(), out.mutable_data());
+                return out;
+            };
+            py::dict d;
+            d["input_ids"] = row(in.inputIds);
+            d["attention_mask"] = row(in.attentionMask);
+            d["positions"] = row(in.positions);
+            d["visual_start"] = py::array_t<int64_t>(1, &in.visualStart);
+            d["query_idx"] = row(in.queryIdx);
+            d["query_mask"] = row(in.queryMask).attr("astype")("bool");
+            d["last_idx"] = py::array_t<int64_t>(1, &in.lastIdx);
+            d["next_position"] = in.nextPosition;
+            return d;
+        },
+        py::arg("ids"), py::arg("manifest"),
+        "The prefill graph's inputs for one prompt's token ids (image tokens expanded), left-padded in C++.");
 
     py::class_<KvArena>(m, "KvArena")
         .def(py::init([](std::vector<int64_t> capacities, int64_t kvHeads, int64_t headDim, size_t elementBytes) {

@@ -1,13 +1,17 @@
-// C++ tests of the runtime core: the KV arena, the samplers and the decode loop. Built by CMake
+// C++ tests of the runtime core: the KV arena, the samplers, the decode loop, the JSON reader, the engine
+// manifest and the prefill inputs. Built by CMake
 // (runtime/CMakeLists.txt) and run by `make test`; exits non-zero on the first failed check.
 #include "generate.h"
 #include "kv_arena.h"
+#include "manifest.h"
+#include "prompt.h"
 #include "sampler.h"
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <set>
 #include <stdexcept>
@@ -235,6 +239,83 @@ void decodeLoopStopsAndSwaps()
     CHECK(throws([&] { iwp::generate(backend, arena, first.data(), 0, greedy, {0, {}}); }));
 }
 
+
+void jsonParsesStandardDocuments()
+{
+    using iwp::Json;
+    Json const doc = Json::parse(R"( {"a": [1, -2.5e2, true, false, null], "s": "x\"\\\/\n\u00e9\ud83d\ude00",
+        "o": {"k": 0}, "e": [], "eo": {}} )");
+    auto const& a = doc["a"].asArray();
+    CHECK(a.size() == 5 && a[0].asInt() == 1 && a[1].asNumber() == -250.0 && a[2].asBool() && !a[3].asBool());
+    CHECK(a[4].isNull() && doc["o"]["k"].asInt() == 0 && doc["e"].asArray().empty() && !doc["eo"].has("k"));
+    CHECK(doc["s"].asString() == "x\"\\/\n\xc3\xa9\xf0\x9f\x98\x80"); // escapes, a 2-byte and a 4-byte code point
+    for (char const* bad : {"", "{", "[1,]", "{\"a\" 1}", "tru", "\"open", "1.", "-", "01x", "{} {}", "\"\\x\"",
+             "\"\\ud800\"", "[\"a\nb\"]"})
+    {
+        CHECK(throws([&] { Json::parse(bad); }));
+    }
+    CHECK(throws([&] { Json::parse(std::string(1000, '[') + std::string(1000, ']')); })); // too deep, no crash
+    CHECK(throws([&] { doc["missing"]; }));
+    CHECK(throws([&] { doc["a"].asString(); }));
+    CHECK(Json::parse("-250.0").asInt() == -250 && throws([] { Json::parse("2.5").asInt(); }));
+}
+
+std::string writeManifest(std::string const& body)
+{
+    char directory[] = "/tmp/iwp_manifest_XXXXXX";
+    CHECK(mkdtemp(directory) != nullptr);
+    std::ofstream(std::string(directory) + "/manifest.json") << body;
+    return directory;
+}
+
+std::string const kManifest = R"({"format": 2, "dtype": "fp16",
+  "model": {"name": "m", "n_layers": 3, "n_kv_heads": 2, "head_dim": 8, "hidden_size": 32, "vocab_size": 50,
+            "n_visual": 4},
+  "method": {"name": "iwp", "stages": [[1, 2]]},
+  "shapes": {"max_prompt": 10, "max_new_tokens": 5, "prefill_len": [10, 8, 8], "cache_len": [15, 13, 13]},
+  "tokens": {"image": 7, "eos": 3, "pad": 0}})";
+
+void manifestGivesTheArenaLayout()
+{
+    iwp::EngineManifest const m = iwp::readManifest(writeManifest(kManifest));
+    CHECK(m.nLayers == 3 && m.nVisual == 4 && m.maxPrompt == 10 && m.stages == 1 && m.eosToken == 3);
+    KvLayout const layout = m.kvLayout();
+    CHECK((layout.capacities == std::vector<int64_t>{15, 13, 13}) && layout.elementBytes == 2 && layout.kvHeads == 2);
+    std::string const other = kManifest;
+    CHECK(throws([&] { iwp::readManifest("/nonexistent/engine"); }));
+    CHECK(throws([&] { iwp::readManifest(writeManifest("{not json")); }));
+    CHECK(throws([&] { iwp::readManifest(writeManifest(std::string(other).replace(11, 1, "1"))); })); // format 1
+    std::string wrongLayers = other;
+    wrongLayers.replace(wrongLayers.find("[15, 13, 13]"), 12, "[15, 13]");
+    CHECK(throws([&] { iwp::readManifest(writeManifest(wrongLayers)); }));
+    try
+    {
+        iwp::readManifest(writeManifest("{\"format\": 2}"));
+        CHECK(false);
+    }
+    catch (std::runtime_error const& e)
+    {
+        std::string const what = e.what();
+        CHECK(what.find("missing key \"model\"") != std::string::npos && what.find("make engine") != std::string::npos);
+    }
+}
+
+void prefillInputsArePaddedOnTheLeft()
+{
+    iwp::EngineManifest const m = iwp::readManifest(writeManifest(kManifest));
+    // 2 text tokens, the 4 image tokens, 1 text token: padded by 3 to the capacity of 10
+    iwp::PrefillInputs const in = iwp::makePrefillInputs({11, 12, 7, 7, 7, 7, 13}, m);
+    CHECK((in.inputIds == std::vector<int64_t>{0, 0, 0, 11, 12, 7, 7, 7, 7, 13}));
+    CHECK((in.attentionMask == std::vector<int64_t>{0, 0, 0, 1, 1, 1, 1, 1, 1, 1}));
+    CHECK((in.positions == std::vector<int64_t>{0, 0, 0, 0, 1, 2, 3, 4, 5, 6}));
+    CHECK(in.visualStart == 5 && in.lastIdx == 9 && in.nextPosition == 7);
+    CHECK((in.queryIdx == std::vector<int64_t>{9, 9, 9, 9, 9, 9}));           // 10 - 4 slots, clamped
+    CHECK((in.queryMask == std::vector<uint8_t>{1, 0, 0, 0, 0, 0}));
+    CHECK(throws([&] { iwp::makePrefillInputs(std::vector<int32_t>(11, 7), m); }));        // past capacity
+    CHECK(throws([&] { iwp::makePrefillInputs({11, 7, 7, 7, 13}, m); }));                  // 3 image tokens
+    CHECK(throws([&] { iwp::makePrefillInputs({7, 7, 11, 7, 7, 13}, m); }));               // not contiguous
+}
+
 } // namespace
 
 int main()
@@ -247,6 +328,9 @@ int main()
     topPKeepsTheSmallestPrefix();
     samplerRefusesBadParameters();
     decodeLoopStopsAndSwaps();
+    jsonParsesStandardDocuments();
+    manifestGivesTheArenaLayout();
+    prefillInputsArePaddedOnTheLeft();
     std::printf("runtime core: %d checks passed\n", gChecks);
     return 0;
 }
