@@ -19,6 +19,9 @@ The recipe, and why:
   larger (`zoom_start`) and hide most *background* visual tokens from attention (the attention mask;
   positions are unchanged, as in the pruned forward); both ease linearly to the benchmark's scenes and whole
   images at `curriculum_until` of the run, and the rest of training sees exactly what inference sees.
+- A guided head (AttentionGuide): one head of LM layer 2 is told where the question's objects are.
+- RoPE base 1e6, as Qwen2's checkpoints use: with 32-dim heads more rotary pairs turn slowly enough for an
+  answer to find an image token by content a thousand positions back.
 - Both grids: most steps use 1x1 (528 visual tokens, cheap); every `anyres_every`-th step uses 2x2 (1312
   tokens, the high-res crops), so the model works at both and the glyphs have detail to be read from.
 - AdamW with linear warm-up and cosine decay; bf16 autocast on the CPU (AVX-512 BF16 makes matmuls ~4x
@@ -53,20 +56,21 @@ TEXT_OFFSET = 5_000_000              # the language phase's scenes (text only) s
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1500
-    batch: int = 16                  # images per step
-    questions: int = 4               # turns per image: the split's question, the description, then others
+    batch: int = 8                   # images per step
+    questions: int = 8               # turns per image: the split's question, the description, then others
+    describe: bool = True            # the second turn describes the whole scene
     aux_weight: float = 1.0          # the per-patch auxiliary losses: classes, and words
     align_weight: float = 1.0
     guide_weight: float = 1.0        # the guided head: see AttentionGuide
-    guide_layer: int = 1
-    guide_answers: bool = True       # the guided head also looks from the positions that predict each answer
+    guide_layer: int = 2             # looks from the question's end and answer to the image
+    words_layer: int = 1             # looks from there to the question's naming words (0 < words_layer < guide_layer)
     background_start: float = 0.05   # share of background visual tokens visible at step 0 ...
     zoom_start: float = 2.0          # ... and how much larger shapes and sign are drawn at step 0 ...
     curriculum_until: float = 0.5    # ... both easing linearly to the benchmark's scenes at this fraction of the run
     qk_init_std: float = 0.08        # the LM's query/key projections start this large (HF's default is 0.02)
     lm_layers: int = 6
     zero_residual: bool = True       # attention and MLP outputs start at zero: each layer starts as identity
-    text_steps: int = 600            # language pretraining: the LM alone, on scenes written as text
+    text_steps: int = 0              # language pretraining: the LM alone, on scenes written as text
     text_batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -75,7 +79,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     dev_examples: int = 100
-    eval_every: int = 250
+    eval_every: int = 500
     bf16: bool = True
 
     def __post_init__(self):
@@ -94,7 +98,7 @@ def ovqa_small_config(tokenizer, lm_layers: int = 6):
                            num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
         text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
                          num_hidden_layers=lm_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=True),
+                         max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=all_pinpoints(IMAGE_SIZE), vision_feature_layer=-1,
@@ -114,10 +118,14 @@ def tokenizer_corpus(count: int = 1500) -> list[str]:
     return texts
 
 
-def conversation(example: ovqa.Example, extra: int, rng: random.Random) -> tuple[list[dict], list[str]]:
-    """The chat messages of one image's turns, and each turn's question."""
-    turns = [(example.question, example.answer), ("Describe the scene.", ovqa.describe(example.scene))]
-    turns += [ovqa.ask(example.scene, rng)[:2] for _ in range(extra)]
+def conversation(example: ovqa.Example, questions: int, rng: random.Random,
+                 describe: bool = True) -> tuple[list[dict], list[str]]:
+    """The chat messages of one image's turns, and each turn's question: the split's question, then (with
+    `describe`) a description of the scene, then questions drawn about the scene."""
+    turns = [(example.question, example.answer)]
+    if describe:
+        turns.append(("Describe the scene.", ovqa.describe(example.scene)))
+    turns += [ovqa.ask(example.scene, rng)[:2] for _ in range(questions - len(turns))]
     messages = []
     for i, (question, answer) in enumerate(turns):
         content = [{"type": "image"}, {"type": "text", "text": question}] if i == 0 else question
@@ -204,30 +212,38 @@ def hide_background(batch: dict, labels: list[np.ndarray], image_token: int, sha
         mask[b, slots[torch.from_numpy(hidden)]] = 0
 
 
+def naming_ids(tokenizer) -> set[int]:
+    """Token ids of the words that name what a question is about: colours, kinds (and plurals), "sign"."""
+    words = [*ovqa.COLOURS, *ovqa.SHAPES, *(ovqa._plural(k) for k in ovqa.SHAPES), "sign"]
+    return {i for w in words for i in tokenizer.encode(f" {w}")}
+
+
 def attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer, image_token: int,
-                      instances: np.ndarray, scene: ovqa.Scene, questions: list[str],
-                      answers: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(query positions, key positions) per turn of one sequence: the tokens of the turn's question (and,
-    with `answers`, the positions that predict its answer's tokens), and the visual tokens of the shapes
-    (and sign) the question is about."""
+                      instances: np.ndarray, scene: ovqa.Scene, questions: list[str]) -> dict[str, list]:
+    """The guided heads' targets in one sequence, as (query positions, key positions) per turn. The queries
+    are the question's last token and the positions that predict its answer's tokens (they have read the
+    whole question). "words": the question's words that name shapes, colours or the sign; "image": the
+    visual tokens of the shapes (and sign) the question is about, where there are any."""
     ids = input_ids.tolist()
     slots = (input_ids == image_token).nonzero().squeeze(1)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     header = tokenizer.convert_tokens_to_ids(["<|im_start|>"]) + tokenizer.encode("user\n")
     starts = [i + len(header) for i in range(len(ids)) if ids[i:i + len(header)] == header]
     answered = ((labels != -100) & (input_ids != end)).nonzero().squeeze(1)
-    out = []
+    naming = torch.tensor(sorted(naming_ids(tokenizer)))
+    out = {"words": [], "image": []}
     for turn, (start, question) in enumerate(zip(starts, questions)):
         start = max(start, int(slots[-1]) + 2) if start <= int(slots[-1]) else start   # turn 0: after "<image>\n"
         stop = ids.index(end, start)
-        queries = torch.arange(start, stop)
-        if answers:
-            following = starts[turn + 1] if turn + 1 < len(starts) else len(ids)
-            queries = torch.cat([queries, answered[(answered > stop) & (answered < following)] - 1])
+        following = starts[turn + 1] if turn + 1 < len(starts) else len(ids)
+        queries = torch.cat([torch.tensor([stop - 1]), answered[(answered > stop) & (answered < following)] - 1])
+        words = torch.arange(start, stop)[torch.isin(input_ids[start:stop], naming)]
+        if len(words):
+            out["words"].append((queries, words))
         wanted = [255 if i == ovqa.SIGN else 1 + i for i in ovqa.referents(scene, question)]
         keys = slots[torch.from_numpy(np.isin(instances, wanted))]
         if len(keys):   # nothing to look at (a count of zero, an absent shape): no target
-            out.append((queries, keys))
+            out["image"].append((queries, keys))
     return out
 
 
@@ -237,7 +253,7 @@ def training_batch(processor, step: int, config: TrainConfig) -> dict:
     rng = random.Random(f"train:{config.seed}:{step}")
     share, zoom = curriculum(step, config)
     examples = ovqa.examples("train", config.batch, start=step * config.batch, zoom=zoom)
-    chats = [conversation(e, config.questions - 2, rng) for e in examples]
+    chats = [conversation(e, config.questions, rng, config.describe) for e in examples]
     texts = [processor.apply_chat_template(messages) for messages, _ in chats]
     images = [e.image().resize((side, side), Image.Resampling.BICUBIC) for e in examples]
     enc = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="right")
@@ -249,8 +265,7 @@ def training_batch(processor, step: int, config: TrainConfig) -> dict:
     batch["patch_labels"] = torch.from_numpy(np.stack(crops)).long()
     batch["attention_targets"] = [
         attention_targets(batch["input_ids"][b], batch["labels"][b], processor.tokenizer, processor.image_token_id,
-                          token_labels(patch_instances(e.scene, grid), grid), e.scene, questions,
-                          config.guide_answers)
+                          token_labels(patch_instances(e.scene, grid), grid), e.scene, questions)
         for b, (e, (_, questions)) in enumerate(zip(examples, chats))]
     return batch
 
@@ -321,12 +336,15 @@ class DenseLosses:
 
 
 class AttentionGuide:
-    """Grounding supervision for one head: head 0 of LM layer `layer`, from every token of a question, is
-    trained (cross-entropy) to put its attention on the visual tokens of the shapes or sign the question
-    is about. A 6-layer LM from scratch does not learn such a lookup in the steps a 30-minute CPU budget
-    allows: it stays at the answer prior, on scenes written as text as on images. One guided head gives
-    the question a path to the image that the rest of the model learns to use. Every other head in every
-    layer learns its attention freely."""
+    """Supervision for one head (head 0 of LM layer `layer`): from each query position, put the attention
+    on the target keys (the loss is -log of the attention mass on them, however it is spread among them).
+
+    Two guided heads make the lookup a question needs: at layer `words_layer` the question's end and its
+    answer positions look at the question's naming words ("triangle"), so at layer `guide_layer` they carry
+    what to look for, and look at the visual tokens of those objects. Without them a 6-layer LM from scratch
+    stays at the answer prior for the steps a 30-minute CPU budget allows, on scenes written as text as on
+    images. The image lookup sits at the layer the pruning methods act from (FastV's K=2), so pruning
+    removes what the lookup would read. Every other head in every layer learns its attention freely."""
 
     def __init__(self, model, layer: int):
         attention = model.model.language_model.layers[layer].self_attn
@@ -357,7 +375,8 @@ class AttentionGuide:
             for positions, keys in turns:
                 keys = keys[visible[row, keys]]    # a referent's patch the curriculum hides is no target
                 if len(keys):
-                    losses.append(-log_p[row:row + len(positions)][:, keys].mean())
+                    # the attention mass on the referents, however it is spread among them: 0 when all of it is
+                    losses.append(-torch.logsumexp(log_p[row:row + len(positions)][:, keys], dim=-1).mean())
                 row += len(positions)
         return torch.stack(losses).mean() if losses else hidden.sum() * 0.0
 
@@ -401,7 +420,8 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dic
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     dev = ovqa_items("train", config.dev_examples, start=DEV_OFFSET)
     spec = ModelSpec("ovqa-small", None, grid=(1, 1), budget=64)
-    dense, guide = DenseLosses(model, processor.tokenizer), AttentionGuide(model, config.guide_layer)
+    dense = DenseLosses(model, processor.tokenizer)
+    guides = {"words": AttentionGuide(model, config.words_layer), "image": AttentionGuide(model, config.guide_layer)}
     optimizer.add_param_group({"params": list(dense.head.parameters()), "weight_decay": 0.0})
     history, start, losses = [], time.perf_counter(), []
     model.train()
@@ -430,7 +450,8 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dic
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             lm_loss = model(**batch).loss
             patch_loss, align_loss = dense(targets)
-            guide_loss = guide(attention, batch["attention_mask"])
+            guide_loss = sum(guide([t[name] for t in attention], batch["attention_mask"])
+                             for name, guide in guides.items()) / len(guides)
         loss = (lm_loss + config.aux_weight * patch_loss + config.align_weight * align_loss
                 + config.guide_weight * guide_loss)
         loss.backward()
@@ -451,7 +472,8 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dic
             progress(f"step {step + 1}/{config.steps}  loss {lm:.4f}  patch {patch:.3f}  align {align:.3f}  "
                      f"guide {guided:.3f}  dev accuracy {accuracy['all']:.1%} ({by_type})  {elapsed / 60:.1f} min")
     dense.remove()
-    guide.remove()
+    for guide in guides.values():
+        guide.remove()
     model.eval()
     summary = {"config": dataclasses.asdict(config), "history": history, "seconds": time.perf_counter() - start,
                "torch": torch.__version__}

@@ -28,11 +28,12 @@ def test_tokenizer_is_deterministic_and_keeps_glyphs_apart(processor):
 
 
 def test_only_answers_are_labelled(processor):
-    batch = training_batch(processor, 0, TrainConfig(batch=2))
+    config = TrainConfig(batch=2)
+    batch = training_batch(processor, 0, config)
     tokenizer = processor.tokenizer
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
         kept = tokenizer.decode(labels[labels != -100])
-        assert kept.count("<|im_end|>") == 4 and "user" not in kept and "<image>" not in kept
+        assert kept.count("<|im_end|>") == config.questions and "user" not in kept and "<image>" not in kept
         assert bool((labels[labels != -100] == ids[labels != -100]).all())
 
 
@@ -55,6 +56,29 @@ def test_patch_labels_follow_the_processors_crops_and_the_lms_token_order(proces
                 assert red > green and red > blue
             if colour == "blue":
                 assert blue > red and blue > green
+
+
+def test_the_guided_heads_look_from_each_questions_end_and_answers_to_its_words_and_objects(processor):
+    config = TrainConfig(batch=1, questions=4, curriculum_until=0.0)
+    batch = training_batch(processor, 3, config)
+    ids, labels, (targets,) = batch["input_ids"][0], batch["labels"][0], batch["attention_targets"]
+    tokenizer = processor.tokenizer
+    slots = (ids == processor.image_token_id).nonzero().squeeze(1)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert 1 <= len(targets["image"]) <= config.questions
+    assert len(targets["words"]) == config.questions - config.describe           # "Describe the scene." names nothing
+    for queries, keys in targets["image"] + targets["words"]:
+        assert int(ids[queries[0] + 1]) == end                                     # the question's last token
+        assert tokenizer.decode(ids[queries[0]]).strip() in ("?", ".")
+        answer = queries[1:] + 1                                                   # then every answer position
+        assert len(answer) > 0 and bool((labels[answer] != -100).all()) and bool((ids[answer] != end).all())
+        assert int(queries.min()) > int(slots.max())
+    for queries, keys in targets["image"]:
+        assert bool(torch.isin(keys, slots).all()) and len(keys) > 0               # image tokens only
+    for queries, keys in targets["words"]:                                         # in the question, naming things
+        assert int(keys.max()) < int(queries[0]) and int(keys.min()) > int(slots.max())
+        named = tokenizer.decode(ids[keys]).split()
+        assert named and all(w in ovqa.COLOURS or w.rstrip("s") in ovqa.SHAPES or w == "sign" for w in named), named
 
 
 def test_curriculum_eases_to_the_benchmark():
