@@ -55,7 +55,7 @@ TEXT_OFFSET = 5_000_000              # the language phase's scenes (text only) s
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 1200
     batch: int = 8                   # images per step
     questions: int = 8               # turns per image: the split's question, the description, then others
     describe: bool = True            # the second turn describes the whole scene
@@ -79,7 +79,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     dev_examples: int = 100
-    eval_every: int = 500
+    eval_every: int = 300
     bf16: bool = True
 
     def __post_init__(self):
@@ -300,14 +300,17 @@ class DenseLosses:
     - classes: a linear head on the vision tower's last layer (what the projector reads) names each patch's
       class, so the tower learns to see shapes, colours and glyphs early;
     - words: the projector's output for a patch of a red circle is pulled (cosine) towards the mean of the
-      LM's own embeddings of " red" and " circle" (a glyph towards its letter, the sign towards " sign").
-      Image tokens then look like the words the language phase taught the LM to find, so its text circuits
-      ("the square" -> the colour named with it) apply to the image. Background patches get no target."""
+      LM's own embeddings of "red" and "circle", with and without the leading space (a glyph towards its
+      letter, the sign towards " sign").
+      Image tokens then look like the words that name them in questions and in answers: with tied
+      embeddings, an answer is a copy of what the guided head reads. Background patches get no target."""
 
     def __init__(self, model, tokenizer):
         self.embeddings = model.get_input_embeddings()
         self.head = torch.nn.Linear(model.config.vision_config.hidden_size, ovqa.N_LABELS)
-        words = {cls: [f" {colour}", f" {kind}"] for (colour, kind), cls in ovqa.SHAPE_LABELS.items()}
+        # both spellings: " green" as questions write it, "green" as answers do (BPE gives them separate
+        # tokens), so the lookup matches the question's word and the answer reads straight off the image
+        words = {cls: [f" {colour}", colour, f" {kind}", kind] for (colour, kind), cls in ovqa.SHAPE_LABELS.items()}
         words[ovqa.SIGN_LABEL] = [" sign"]
         words.update({cls: [char] for char, cls in ovqa.GLYPH_LABELS.items()})
         self.word_ids = {cls: [i for w in ws for i in tokenizer.encode(w)] for cls, ws in words.items()}
