@@ -31,6 +31,17 @@ public:
 private:
     static constexpr int kMaxDepth = 256; // deeper nesting is refused instead of overflowing the stack
 
+    // After an object member or array element: consumes the ',' (false) or the closing bracket (true).
+    bool closesAfterElement(char close)
+    {
+        skipSpace();
+        if (mPos < mText.size() && (mText[mPos] == ',' || mText[mPos] == close))
+        {
+            return mText[mPos++] == close;
+        }
+        fail(std::string("expected ',' or '") + close + "'");
+    }
+
     [[noreturn]] void fail(std::string const& what) const
     {
         throw std::runtime_error("JSON: " + what + " at byte " + std::to_string(mPos));
@@ -92,18 +103,10 @@ private:
                 }
                 ++mPos;
                 value.mObject[key] = parseValue(depth + 1);
-                skipSpace();
-                if (mPos < mText.size() && mText[mPos] == ',')
+                if (closesAfterElement('}'))
                 {
-                    ++mPos;
-                    continue;
-                }
-                if (mPos < mText.size() && mText[mPos] == '}')
-                {
-                    ++mPos;
                     return value;
                 }
-                fail("expected ',' or '}'");
             }
         }
         if (c == '[')
@@ -119,18 +122,10 @@ private:
             while (true)
             {
                 value.mArray.push_back(parseValue(depth + 1));
-                skipSpace();
-                if (mPos < mText.size() && mText[mPos] == ',')
+                if (closesAfterElement(']'))
                 {
-                    ++mPos;
-                    continue;
-                }
-                if (mPos < mText.size() && mText[mPos] == ']')
-                {
-                    ++mPos;
                     return value;
                 }
-                fail("expected ',' or ']'");
             }
         }
         if (c == '"')
