@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from iwp.evaluate import Item, predict, score
+from .evaluate import Item, predict, score
 from iwp.plugins.visual_token_select import make_method
 
 from .layer_similarity import adjacent_layer_change, choose_stage_layers

@@ -1,3 +1,3 @@
-from .cli import main
+from iwp.tools.cli import main
 
 main()

@@ -1,7 +1,7 @@
 """`iwp bench`: one prefill graph per method x budget, timed against unpruned in the same run."""
 import json
 
-from iwp.bench import run
+from iwp.tools.bench import run
 
 
 def test_bench_measures_every_setting_against_unpruned(tmp_path):

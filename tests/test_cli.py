@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from iwp.calibration.layer_similarity import choose_stage_layers
-from iwp.cli import main
+from iwp.tools.cli import main
 from iwp.flops import describe_counts, layer_flops, prefill_flops
 
 

@@ -124,7 +124,7 @@ def test_sampled_generation_is_reproducible(pipeline):
 
 
 def test_bench_prefill_reports_each_engine(built, capsys):
-    from iwp.cli import main
+    from iwp.tools.cli import main
     main(["bench-prefill", "--engine", str(built), "--repeats", "1"])
     out = capsys.readouterr().out
     assert f"| {built.name} | iwp | 336x2 64x6 |" in out and "1.00x" in out
@@ -251,7 +251,7 @@ def test_two_processes_building_the_same_engine_leave_it_intact(tmp_path):
 
 def test_prepare_writes_the_cpp_apps_inputs(built, pipeline, tmp_path):
     """`iwp prepare`: unpadded ids the C++ core pads to the pipeline's own batch, and the raw pixel values."""
-    from iwp.cli import main
+    from iwp.tools.cli import main
     from iwp.runtime import _core
     image = tmp_path / "scene.png"
     demo_image(2).save(image)

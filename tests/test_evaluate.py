@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from iwp.evaluate import (Item, budgets_from_fractions, jsonl_items, make_settings, ovqa_items, predict, score,
+from iwp.calibration.evaluate import (Item, budgets_from_fractions, jsonl_items, make_settings, ovqa_items, predict, score,
                           sweep)
 
 
@@ -51,7 +51,7 @@ def test_settings_mark_infeasible_budgets():
 
 
 def test_sweep_rows_and_report(tiny, tmp_path):
-    from iwp.eval_report import markdown, write
+    from iwp.tools.eval_report import markdown, write
     items = ovqa_items("test", 5)
     report = sweep(tiny, items, ["iwp", "btp", "random"], [16, 336], batch_size=3)
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
@@ -111,7 +111,7 @@ def test_ovqa_small_ships_its_calibrated_defaults(ovqa_small):
 
 def test_onnxruntime_engine_answers_as_pytorch_does(ovqa_small, tmp_path):
     """The same questions through an exported ONNX Runtime engine and the PyTorch pruned forward."""
-    from iwp.evaluate import engine_agreement
+    from iwp.tools.engine_agreement import engine_agreement
     from iwp.export.engine import EngineSpec, build
     engine = build(EngineSpec("ovqa-small", "iwp", 53, max_text_tokens=32, max_new_tokens=10), tmp_path,
                    progress=lambda _: None)

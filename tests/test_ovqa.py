@@ -118,7 +118,7 @@ def test_bad_requests_fail_clearly():
 
 
 def test_export_jsonl_round_trips_through_the_bridge(tmp_path):
-    from iwp.evaluate import jsonl_items
+    from iwp.calibration.evaluate import jsonl_items
     path = ovqa.export_jsonl("test", 6, tmp_path / "ovqa")
     items = jsonl_items(path)
     originals = ovqa.examples("test", 6)

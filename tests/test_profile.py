@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from iwp import profile
-from iwp.cli import main
+from iwp.tools.cli import main
 from iwp.export.engine import EngineSpec, build
 
 

@@ -4,7 +4,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from iwp.cli import main
+from iwp.tools.cli import main
 from iwp.export import tensorrt as trt_build
 from iwp.export.engine import EngineSpec, engine_name
 

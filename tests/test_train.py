@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iwp.calibration import ovqa
-from iwp.train import (IMAGE_SIZE, PATCH, TOKENIZER_VOCAB, TrainConfig, answer_labels, curriculum, hide_background,
+from iwp.tools.train import (IMAGE_SIZE, PATCH, TOKENIZER_VOCAB, TrainConfig, answer_labels, curriculum, hide_background,
                        patch_labels, text_batch, token_labels, tokenizer_corpus, train, training_batch)
 
 
@@ -109,7 +109,7 @@ def test_language_phase_writes_the_scene_and_skips_spatial_questions(processor):
 
 
 def test_a_short_run_saves_a_loadable_model(tmp_path):
-    from iwp.evaluate import ovqa_items, predict
+    from iwp.calibration.evaluate import ovqa_items, predict
     from iwp.zoo import Loaded, ModelSpec
     from transformers import LlavaOnevisionForConditionalGeneration
 

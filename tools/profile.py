@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import staged_directory
+from iwp.atomic import staged_directory
 
 STAGES = ("preprocess", "vision", "selection", "prefill", "ttft", "decode_per_token", "end_to_end")
 

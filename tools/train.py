@@ -92,7 +92,7 @@ def ovqa_small_config(tokenizer, lm_layers: int = 6):
     """The architecture: SigLIP 2 x 128 over 12-px patches of 192-px crops, Qwen2 6 x 128 with GQA 4/2."""
     from transformers import LlavaOnevisionConfig
 
-    from .zoo import all_pinpoints
+    from iwp.zoo import all_pinpoints
     return LlavaOnevisionConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256,
                            num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
@@ -398,13 +398,13 @@ def learning_rate(step: int, steps: int, config: TrainConfig) -> float:
 def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dict:
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from .evaluate import dev_accuracy, ovqa_items
-    from .processor import local_processor
-    from .zoo import Loaded, ModelSpec, all_pinpoints
+    from iwp.calibration.evaluate import dev_accuracy, ovqa_items
+    from iwp.processor import local_processor
+    from iwp.zoo import Loaded, ModelSpec, all_pinpoints
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    from .processor import byte_level_tokenizer
+    from iwp.processor import byte_level_tokenizer
     tokenizer = byte_level_tokenizer(tokenizer_corpus(), TOKENIZER_VOCAB)
     processor = local_processor(IMAGE_SIZE, PATCH, all_pinpoints(IMAGE_SIZE), tokenizer)
     model_config = ovqa_small_config(processor.tokenizer, config.lm_layers)
@@ -486,8 +486,8 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dic
 
 def save_model(model, processor, summary: dict, out: Path) -> None:
     """Weights (safetensors), config, processor files and training.json, all-or-nothing."""
-    from .atomic import staged_directory
-    from .processor import save_processor
+    from iwp.atomic import staged_directory
+    from iwp.processor import save_processor
     with staged_directory(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         save_processor(processor, staging)

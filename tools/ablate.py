@@ -1,7 +1,7 @@
 """Ablation of IWP's open choices, one at a time around the defaults: λ, the chunk schedule, the pruning
 layer and the query set. This is how the defaults in IWPConfig were chosen (see README, "IWP defaults").
 
-Columns: layer-L attention reconstruction error and next-token KL (as in iwp/compare.py), the overlap
+Columns: layer-L attention reconstruction error and next-token KL (as in tools/compare.py), the overlap
 (Jaccard) of the kept set with exact greedy MMR at the same λ, the number of sequential steps, and the
 median selection time.
 """
@@ -14,8 +14,8 @@ import time
 import torch
 
 from .compare import layer_attention_error
-from .inputs import Batch
-from .model import PrunedLlavaOnevision
+from iwp.inputs import Batch
+from iwp.model import PrunedLlavaOnevision
 from iwp.plugins.visual_token_select.iwp import IWP, IWPConfig
 from iwp.plugins.visual_token_select.pcmmr import chunk_schedule
 

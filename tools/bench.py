@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import staged_directory
-from .flops import describe_counts, model_dims, prefill_flops
+from iwp.atomic import staged_directory
+from iwp.flops import describe_counts, model_dims, prefill_flops
 
 METHODS = ("none", "iwp", "btp", "transprune", "fastv", "dart", "divprune")
 BUDGETS = (64, 128, 256, 576)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from .demo import demo_image
+from iwp.demo import demo_image
 
 
 def positive_int(text: str) -> int:
@@ -65,7 +65,7 @@ def _scene_args(p: argparse.ArgumentParser, images: int) -> None:
 
 
 def _demo_batch(loaded, args):
-    from .inputs import make_batch
+    from iwp.inputs import make_batch
     size = loaded.resolution[::-1]
     images = [demo_image(seed, size) for seed in range(args.images)]
     return make_batch(loaded, images, [args.prompt] * args.images)
@@ -76,8 +76,8 @@ def _method_options(spec, method: str, cli_options: dict) -> dict:
 
 
 def _load(args):
-    from .model import PrunedLlavaOnevision
-    from .zoo import load
+    from iwp.model import PrunedLlavaOnevision
+    from iwp.zoo import load
     loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
     return loaded, PrunedLlavaOnevision(loaded.model)
 
@@ -88,11 +88,11 @@ def cmd_engine(args) -> None:
 
     from iwp.export.engine import EngineSpec, build
     from iwp.runtime.pipeline import Pipeline
-    from .zoo import get_spec
+    from iwp.zoo import get_spec
 
     spec = get_spec(args.model, args.grid)
     if args.image:
-        from .inputs import load_image
+        from iwp.inputs import load_image
         load_image(args.image)  # an unreadable image fails now, not after the export
     options = _method_options(spec, args.method, parse_options(args.option)) if args.method != "none" else {}
     if args.method != "none":
@@ -121,7 +121,7 @@ def cmd_engine(args) -> None:
     for (layer, keep), indices in zip(method["stages"], kept):
         shown = indices[0].tolist()
         print(f"kept      layer {layer}: {keep}/{n} visual tokens: {shown[:16]}{' ...' if len(shown) > 16 else ''}")
-    from .flops import describe_counts
+    from iwp.flops import describe_counts
     print(f"tokens    per layer {describe_counts(method['tokens_per_layer'])}")
     f = m["flops"]
     print(f"flops     prefill over visual tokens {f['pruned'] / 1e9:.3f} of {f['unpruned'] / 1e9:.3f} GFLOPs "
@@ -167,9 +167,9 @@ def cmd_compare(args) -> None:
 
 def cmd_calibrate(args) -> None:
     from iwp.calibration.calibrate import calibrate, markdown
-    from .atomic import staged_directory
-    from .evaluate import budgets_from_fractions, ovqa_items
-    from .zoo import METHOD_DEFAULTS, bundled_dir, load
+    from iwp.atomic import staged_directory
+    from iwp.calibration.evaluate import budgets_from_fractions, ovqa_items
+    from iwp.zoo import METHOD_DEFAULTS, bundled_dir, load
 
     loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
     if args.write_defaults and not loaded.spec.bundled:
@@ -223,7 +223,7 @@ def cmd_bench_prefill(args) -> None:
         image = demo_image(0, tuple(m["model"]["resolution"][::-1]))
         t = pipeline.time_stages(image, "What is in the image?", args.repeats)
         first = first or (t["prefill"], m["flops"]["pruned"])
-        from .flops import describe_counts
+        from iwp.flops import describe_counts
         print(f"| {Path(directory).name} | {m['method']['name']} | {describe_counts(m['method']['tokens_per_layer'])} "
               f"| {t['vision'] * 1e3:.0f} | {t['prefill'] * 1e3:.0f} | {first[0] / t['prefill']:.2f}x | "
               f"{first[1] / m['flops']['pruned']:.2f}x |", flush=True)
@@ -275,8 +275,9 @@ def _csv(text: str, kind):
 
 def cmd_eval(args) -> None:
     from .eval_report import markdown, write
-    from .evaluate import budgets_from_fractions, engine_agreement, jsonl_items, ovqa_items, sweep
-    from .zoo import load
+    from iwp.calibration.evaluate import budgets_from_fractions, jsonl_items, ovqa_items, sweep
+    from .engine_agreement import engine_agreement
+    from iwp.zoo import load
 
     loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
     items = jsonl_items(args.data, args.prompt_suffix) if args.data else ovqa_items(args.split, args.examples)
@@ -298,7 +299,7 @@ def cmd_eval(args) -> None:
 
 def cmd_train(args) -> None:
     from .train import TrainConfig, train
-    from .zoo import bundled_dir
+    from iwp.zoo import bundled_dir
     config = TrainConfig(**{k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("seed", args.seed))
                             if v is not None})
     out = Path(args.out) if args.out else bundled_dir("ovqa-small")

@@ -11,7 +11,7 @@ import statistics
 
 import torch
 
-from iwp.bench_select import BUDGETS, SIZES, random_view
+from .bench_select import BUDGETS, SIZES, random_view
 from iwp.plugins.visual_token_select import METHODS, cpu, make_method
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import staged_directory
-from .flops import describe_counts
+from iwp.atomic import staged_directory
+from iwp.flops import describe_counts
 
 
 def _cell(row: dict | None, key: str, fmt: str) -> str:

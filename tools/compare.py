@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .flops import describe_counts, model_dims, prefill_flops
-from .inputs import Batch
-from .model import PrunedLlavaOnevision
+from iwp.flops import describe_counts, model_dims, prefill_flops
+from iwp.inputs import Batch
+from iwp.model import PrunedLlavaOnevision
 from iwp.plugins.visual_token_select import make_method
 
 
