@@ -5,7 +5,7 @@ from setuptools import setup
 
 setup(
     ext_modules=[Pybind11Extension("iwp.plugins.visual_token_select._cpu",
-                                   ["plugins/visual_token_select/cpu.cpp"], cxx_std=17,
+                                   ["plugins/visual_token_select/cpu.cpp", "plugins/visual_token_select/plan.cpp"], cxx_std=17,
                                    extra_compile_args=["-O3"]),
                  Pybind11Extension("iwp.runtime._core",
                                    ["runtime/core/kv_arena.cpp", "runtime/core/sampler.cpp",

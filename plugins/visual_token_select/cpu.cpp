@@ -5,6 +5,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "plan.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -44,21 +46,6 @@ std::vector<int64_t> topIndices(std::vector<float> const& score, int64_t k)
     std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
     idx.resize(k);
     return idx;
-}
-
-std::vector<int> chunkSchedule(int64_t k, int64_t chunk, double growth)
-{
-    std::vector<int> sizes;
-    int64_t total = 0;
-    for (int step = 0; total < k; ++step)
-    {
-        // nearbyint rounds half to even under the default rounding mode, as Python's round() does
-        int64_t c = std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(chunk * std::pow(growth, step))));
-        c = std::min<int64_t>(k - total, c);
-        sizes.push_back(static_cast<int>(c));
-        total += c;
-    }
-    return sizes;
 }
 
 // Strided views of the contiguous [B, H, T, d] inputs.
@@ -290,15 +277,15 @@ std::vector<int64_t> pcmmr(std::vector<float> const& raw, Sim const& simRaw, int
     std::vector<std::optional<float>> maxSim(n);
     std::vector<int64_t> chosen;
     int64_t const seeded = seed ? static_cast<int64_t>(seed->size()) : 0;
-    std::vector<int> sizes = chunkSchedule(k - seeded, chunk, growth);
+    std::vector<int64_t> sizes = vts::chunkSchedule(k - seeded, chunk, growth);
     if (seed)
     {
-        sizes.insert(sizes.begin(), static_cast<int>(seeded));
+        sizes.insert(sizes.begin(), seeded);
     }
     int64_t done = 0;
     for (size_t step = 0; step < sizes.size(); ++step)
     {
-        int const c = sizes[step];
+        int64_t const c = sizes[step];
         std::vector<int64_t> added;
         if (step == 0 && seed)
         {
@@ -328,7 +315,7 @@ std::vector<int64_t> pcmmr(std::vector<float> const& raw, Sim const& simRaw, int
                 inner[p] = maxSim[cand[p]];
             }
             std::vector<uint8_t> picked(pool, 0);
-            for (int t = 0; t < c; ++t)
+            for (int64_t t = 0; t < c; ++t)
             {
                 int64_t best = -1;
                 float bestScore = kNegInf;
@@ -666,9 +653,14 @@ py::array_t<int64_t> select(std::string const& method, py::array hiddenIn, py::a
                 attn = rebalanced(attn);
             }
             std::transform(attn.begin(), attn.end(), attn.begin(), rankable);
-            double const fraction = option<double>(options, "seed_fraction");
-            int64_t const nSeed = std::min<int64_t>(keep,
-                std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(fraction * keep))));
+            IwpVtsParams plan{};
+            plan.keep = keep;
+            plan.stage = stage;
+            plan.nStages = nStages;
+            plan.seedFraction = option<double>(options, "seed_fraction");
+            plan.attentionFirst = option<double>(options, "attention_first");
+            plan.attentionLast = option<double>(options, "attention_last");
+            int64_t const nSeed = vts::btpSeedCount(plan);
             float const* xy = visualXy.data() + b * n * 2;
             auto negDistance = [&](int64_t i, int64_t c) {
                 // in float, step by step as the reference computes it: grid distances tie exactly, and
@@ -684,11 +676,7 @@ py::array_t<int64_t> select(std::string const& method, py::array hiddenIn, py::a
             }
             else
             {
-                double const first = option<double>(options, "attention_first");
-                double const lastWeight = option<double>(options, "attention_last");
-                double const lam = nStages == 1 ? lastWeight
-                                                : first + (lastWeight - first) * stage / static_cast<double>(nStages - 1);
-                chosen = pcmmr(attn, HiddenCosine(hidden.data(), t, width, b, start, n), keep, lam,
+                chosen = pcmmr(attn, HiddenCosine(hidden.data(), t, width, b, start, n), keep, vts::btpLambda(plan),
                     option<int64_t>(options, "chunk"), option<double>(options, "growth"), &seed);
             }
         }

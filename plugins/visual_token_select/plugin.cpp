@@ -1,6 +1,7 @@
 // The TensorRT plugin for iwp::VisualTokenSelect (see plugin.h). Compiles unchanged against TensorRT 10.3
 // (JetPack 6) and 11.x; the only version-dependent piece is guarded on NV_TENSORRT_MAJOR.
 #include "plugin.h"
+#include "plan.h"
 
 #include <NvInferVersion.h>
 
@@ -56,12 +57,6 @@ int32_t dtypeId(DataType type)
     case DataType::kBF16: return kIwpVtsBFloat16;
     default: return -1;
     }
-}
-
-std::string validate(IwpVtsParams const& params)
-{
-    char message[512];
-    return iwpVtsValidate(&params, message, sizeof(message)) == 0 ? std::string() : std::string(message);
 }
 
 } // namespace
@@ -332,7 +327,7 @@ int32_t VisualTokenSelectPlugin::configurePlugin(
     {
         dims[i] = in[i].max; // the export's shapes are static, so max == min == opt
     }
-    std::string const error = validate(mAttributes.params(dims, in[0].desc.type));
+    std::string const error = vts::validate(mAttributes.params(dims, in[0].desc.type));
     if (!error.empty())
     {
         report(mName, error);
@@ -370,7 +365,7 @@ int32_t VisualTokenSelectPlugin::onShapeChange(
         dims[i] = in[i].dims;
     }
     mParams = mAttributes.params(dims, in[0].type);
-    std::string const error = validate(mParams);
+    std::string const error = vts::validate(mParams);
     if (!error.empty())
     {
         report(mName, error);
@@ -486,7 +481,7 @@ IPluginV3* VisualTokenSelectCreator::createPlugin(char const* name, PluginFieldC
             params.batch = params.queryHeads = params.kvHeads = params.headDim = params.width = params.queries = 1;
             params.visual = params.tokens = std::max<int64_t>(1, params.keep);
             params.dtype = kIwpVtsFloat32;
-            std::string const bad = validate(params);
+            std::string const bad = vts::validate(params);
             if (!bad.empty())
             {
                 report(where, bad);
