@@ -3,25 +3,26 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-MODEL   ?= tiny-llava-ov
-METHOD  ?= iwp
+# Empty means "not given": the command's own default applies (EngineSpec's for builds), defined once there.
+MODEL   ?=
+METHOD  ?=
 BUDGET  ?=
 GRID    ?=
-PROMPT  ?= What is in the image?
+PROMPT  ?=
 IMAGE   ?=
 MODEL_PATH ?=
 RANDOM_WEIGHTS ?= 0
-SELECT  ?= plugin
-DTYPE   ?= fp32
-BACKEND ?= onnxruntime
+SELECT  ?=
+DTYPE   ?=
+BACKEND ?=
 ENGINE  ?=
 BASELINE ?=
 
-ENGINE_ARGS := --model $(MODEL) --method $(METHOD) \
+ENGINE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(METHOD),--method $(METHOD)) \
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID)) \
-	$(if $(IMAGE),--image "$(IMAGE)") --prompt "$(PROMPT)" \
+	$(if $(IMAGE),--image "$(IMAGE)") $(if $(PROMPT),--prompt "$(PROMPT)") \
 	$(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") $(if $(filter 1,$(RANDOM_WEIGHTS)),--random-weights) \
-	--select $(SELECT) --dtype $(DTYPE) --backend $(BACKEND)
+	$(if $(SELECT),--select $(SELECT)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(BACKEND),--backend $(BACKEND))
 
 TENSORRT_ROOT ?=
 PLUGIN_BUILD := build/plugins
@@ -81,7 +82,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 compare: $(STAMP)
-	$(PY) -m iwp compare --model $(MODEL) $(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID))
+	$(PY) -m iwp compare $(if $(MODEL),--model $(MODEL)) $(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID))
 
 # A TensorRT engine directory against ONNX Runtime on the same inputs (needs TensorRT and the plugin).
 compare-trt: $(STAMP)
@@ -94,7 +95,7 @@ profile: $(STAMP)
 # Accuracy on OVQA: train the bundled ovqa-small (about 30 minutes on 2 cores), calibrate its BTP and IWP
 # defaults on the calibration split, evaluate every method x budget on the test split. MODEL is passed only
 # when given, so eval and calibrate default to ovqa-small.
-GIVEN_MODEL = $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL))
+GIVEN_MODEL = $(if $(MODEL),--model $(MODEL))
 EXAMPLES ?=
 
 train: $(STAMP)

@@ -34,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 class EngineSpec:
     model: str
     method: str                    # a method name or "none"
-    budget: int | None
+    budget: int | None = None      # None: the preset's (resolved once, in build)
     grid: str | None = None
     max_text_tokens: int = 128     # prompt tokens beside the image; fixes the prefill length
     max_new_tokens: int = 32
@@ -126,6 +126,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
 
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
                   dtype=DTYPES[spec.dtype])
+    spec = dataclasses.replace(spec, budget=spec.budget or loaded.spec.budget)
     target = out_root / engine_name(spec, loaded.spec.grid_name)
     expected = inputs_hash(spec, _weights_identity(loaded))
     if is_current(target, expected):
@@ -134,7 +135,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
 
     model = PrunedLlavaOnevision(loaded.model)
     n = loaded.n_visual
-    budget = spec.budget or loaded.spec.budget
+    budget = spec.budget
     method = None if spec.method == "none" else make_method(spec.method, **dict(spec.options))
     plan = method.plan(model.n_layers, n, budget) if method else None
     tokens_per_layer = plan.tokens_per_layer if plan else (n,) * model.n_layers

@@ -82,3 +82,15 @@ class Recording(IWP):
                 IWP.select(self, view, keep)
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3
+
+
+def command(args) -> None:
+    """`iwp ablate`: the table above on seeded demo scenes."""
+    from .options import demo_batch, load_model
+
+    loaded, model = load_model(args)
+    budget = args.budget or loaded.spec.budget
+    batch = demo_batch(loaded, args)
+    print(f"{loaded.spec.name}, grid {loaded.spec.grid_name}, N={batch.n_visual}, budget {budget}, "
+          f"{args.images} demo images")
+    print(ablate(model, batch, budget))

@@ -56,7 +56,7 @@ def layer_attention_error(model: PrunedLlavaOnevision, hidden, batch: Batch, lay
 
 
 @torch.no_grad()
-def compare(model: PrunedLlavaOnevision, batch: Batch, budget: int, methods: list[str], layer: int,
+def compare_methods(model: PrunedLlavaOnevision, batch: Batch, budget: int, methods: list[str], layer: int,
             method_options: dict | None = None) -> list[Row]:
     method_options = method_options or {}
     embeds = model.embed(batch)
@@ -96,3 +96,24 @@ def markdown(rows: list[Row], layer: int) -> str:
         lines.append(f"| {r.method} | {r.recon:.4f} | {r.kl:.3e} | {describe_counts(r.tokens_per_layer)} | "
                      f"{r.flops / 1e9:.3f} | {r.flops_ratio:.1%} |")
     return "\n".join(lines)
+
+
+def command(args) -> None:
+    """`iwp compare`: the table above for several methods on seeded demo scenes."""
+    from iwp.plugins.visual_token_select import METHODS
+
+    from .options import demo_batch, load_model, method_options
+
+    loaded, model = load_model(args)
+    budget = args.budget or loaded.spec.budget
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        if name != "none" and name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from: none, {', '.join(METHODS)}")
+    batch = demo_batch(loaded, args)
+    options = {name: method_options(loaded.spec, name, {}) for name in methods}
+    layer = options.get("iwp", {}).get("layer", METHODS["iwp"].Config().layer)
+    rows = compare_methods(model, batch, budget, methods, layer, options)
+    print(f"{loaded.spec.name}, grid {loaded.spec.grid_name}, N={batch.n_visual}, budget {budget}, "
+          f"{args.images} demo images")
+    print(markdown(rows, layer))

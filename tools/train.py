@@ -492,3 +492,14 @@ def save_model(model, processor, summary: dict, out: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         save_processor(processor, staging)
         (staging / "training.json").write_text(json.dumps(summary, indent=1))
+
+
+def command(args) -> None:
+    """`iwp train`: the recipe's defaults, with --steps/--batch/--seed overriding them when given."""
+    from iwp.zoo import bundled_dir
+    config = TrainConfig(**{k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("seed", args.seed))
+                            if v is not None})
+    out = Path(args.out) if args.out else bundled_dir("ovqa-small")
+    summary = train(out, config, progress=lambda line: print(line, flush=True))
+    print(f"trained   {out} in {summary['seconds'] / 60:.1f} min; dev accuracy "
+          f"{summary['history'][-1]['dev_accuracy']:.1%}")
