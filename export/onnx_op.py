@@ -17,8 +17,13 @@ from iwp.plugins.visual_token_select import contract
 _ONNX_ATTR = {bool: defs.OpSchema.AttrType.INT, int: defs.OpSchema.AttrType.INT,
               float: defs.OpSchema.AttrType.FLOAT, str: defs.OpSchema.AttrType.STRING,
               tuple: defs.OpSchema.AttrType.INTS}
-_INPUT_TYPES = {"key_mask": "M", "query_mask": "M", "visual_start": "I", "query_idx": "I", "last_idx": "I",
-                "visual_xy": "F", "ttv": "F"}
+_ONNX_TENSOR = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+                "int32": "tensor(int32)", "int64": "tensor(int64)"}
+# the schema's type constraints, one per dtype set of the contract (contract.INPUT_DTYPES, OUTPUT_DTYPE)
+_CONSTRAINTS = {contract.ACTIVATION_DTYPES: ("T", "activations"), ("float32",): ("F", "fp32 side inputs"),
+                ("int32",): ("M", "masks (TensorRT plugins take no bool)"),
+                ("int64",): ("I", "positions and the output indices")}
+_INPUT_TYPES = {name: _CONSTRAINTS[dtypes][0] for name, dtypes in contract.INPUT_DTYPES.items()}
 
 IWP_OPSET = onnxscript.values.Opset(contract.DOMAIN, contract.OP_VERSION)
 
@@ -26,14 +31,13 @@ IWP_OPSET = onnxscript.values.Opset(contract.DOMAIN, contract.OP_VERSION)
 def schema() -> defs.OpSchema:
     attributes = [defs.OpSchema.Attribute(name, _ONNX_ATTR[kind], "", required=name in ("method", "keep"))
                   for name, kind in {**contract.CORE_ATTRIBUTES, **contract.method_attributes()}.items()]
-    inputs = [defs.OpSchema.FormalParameter(name, _INPUT_TYPES.get(name, "T")) for name in contract.INPUTS]
+    inputs = [defs.OpSchema.FormalParameter(name, _INPUT_TYPES[name]) for name in contract.INPUTS]
     return defs.OpSchema(
         contract.OP_TYPE, contract.DOMAIN, contract.OP_VERSION,
         doc="Select `keep` of the N visual tokens; see plugins/visual_token_select/README.md.",
-        inputs=inputs, outputs=[defs.OpSchema.FormalParameter(contract.OUTPUT, "I")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
-                          ("F", ["tensor(float)"], "fp32 side inputs"), ("M", ["tensor(int32)"], "masks (TensorRT plugins take no bool)"),
-                          ("I", ["tensor(int64)"], "positions and the output indices")],
+        inputs=inputs,
+        outputs=[defs.OpSchema.FormalParameter(contract.OUTPUT, _CONSTRAINTS[(contract.OUTPUT_DTYPE,)][0])],
+        type_constraints=[(name, [_ONNX_TENSOR[d] for d in dtypes], doc) for dtypes, (name, doc) in _CONSTRAINTS.items()],
         attributes=attributes)
 
 

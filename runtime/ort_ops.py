@@ -17,7 +17,7 @@ import onnx
 from iwp.plugins.visual_token_select import contract
 
 ORT_DOMAIN = "ai.onnx.contrib"
-_ACTIVATIONS = ("hidden", "q", "k", "q_rot", "k_rot", "v")  # the inputs of type T in the schema
+_ACTIVATIONS = contract.ACTIVATIONS  # the inputs of type T in the schema
 _registered = False
 _selection_seconds = [0.0]  # time spent inside the op, for `iwp profile`
 
@@ -59,12 +59,11 @@ def register() -> str:
                   str: PyCustomOpDef.dt_string}
         attrs = {name: scalar[kind] for name, kind in {**contract.CORE_ATTRIBUTES,
                                                        **contract.method_attributes()}.items() if kind in scalar}
-        fixed = {"key_mask": PyCustomOpDef.dt_int32, "query_mask": PyCustomOpDef.dt_int32,
-                 "visual_start": PyCustomOpDef.dt_int64, "query_idx": PyCustomOpDef.dt_int64,
-                 "last_idx": PyCustomOpDef.dt_int64, "visual_xy": PyCustomOpDef.dt_float,
-                 "ttv": PyCustomOpDef.dt_float}
+        # the activations arrive as fp32 (for_onnxruntime casts fp16 ones); the rest as the contract types them
+        element = {"float32": PyCustomOpDef.dt_float, "int32": PyCustomOpDef.dt_int32,
+                   "int64": PyCustomOpDef.dt_int64}
         onnx_op(op_type=contract.OP_TYPE, domain=ORT_DOMAIN,
-                inputs=[fixed.get(name, PyCustomOpDef.dt_float) for name in contract.INPUTS],
+                inputs=[element[contract.INPUT_DTYPES[name][0]] for name in contract.INPUTS],
                 outputs=[PyCustomOpDef.dt_int64], attrs=attrs)(lambda *arrays, **a: _select(arrays, a))
         _registered = True
     return get_library_path()

@@ -98,12 +98,11 @@ def test_unknown_method_is_refused():
 
 
 def _plugin_schema() -> dict[str, tuple[str, str]]:
-    """plugin.cpp's attribute table: name -> (kind, default) as written in Attributes::schema()."""
-    source = (FOLDER / "plugin.cpp").read_text()
-    table = source[source.index("static std::vector<Field> const fields{"):]
-    table = table[:table.index("};")]
-    return {name: (kind, default) for kind, name, default
-            in re.findall(r'(integer|real|text)\("(\w+)", ([^)]+)\)', table)}
+    """The creator's attribute table, generated into params.h (kAttributes): name -> (kind, default)."""
+    source = (FOLDER / "params.h").read_text()
+    kinds = {"kInt": "integer", "kFloat": "real", "kText": "text"}
+    rows = re.findall(r'\{"(\w+)", AttributeType::(\w+), (-?\d+), (-?[\d.e+-]+), ("[^"]*")', source)
+    return {name: (kinds[k], {"kInt": i, "kFloat": r, "kText": t}[k]) for name, k, i, r, t in rows}
 
 
 def test_plugin_fields_are_the_contract_attributes():

@@ -1,9 +1,10 @@
 """The VisualTokenSelect op contract, written once.
 
-The ONNX schema (iwp/export/onnx_op.py), the torch custom op, the ONNX Runtime op (iwp/runtime/ort_ops.py)
-and, later, the CUDA kernel and the TensorRT creator all read their names, input order and attributes from
-here. The method attributes are derived from the methods' config dataclasses, so a new option appears in
-every implementation at once.
+The ONNX schema (export/onnx_op.py), the torch custom op, the ONNX Runtime op (runtime/ort_ops.py) and the
+ctypes binding (cuda.py) read their names, input order, dtypes and attributes from here. The C++ side (the
+CPU kernel, the CUDA kernels, the TensorRT creator) reads params.h, which codegen.py generates from this
+module; tests/test_op_header.py fails when the committed header is stale. The method attributes are derived
+from the methods' config dataclasses, so a new option appears in every implementation at once.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import dataclasses
 import typing
 
 from . import METHODS, make_method
+from .iwp import QUERIES
 
 OP_TYPE = "VisualTokenSelect"
 DOMAIN = "iwp"                 # TensorRT's parser maps (op_type, plugin_namespace, plugin_version) to a plugin
@@ -24,9 +26,42 @@ INPUTS = ("hidden", "q", "k", "q_rot", "k_rot", "v", "key_mask", "visual_start",
           "last_idx", "visual_xy", "ttv")
 OUTPUT = "indices"             # [B, keep] int64, ascending
 
+# Bumped with any change to IwpVtsParams or to the selection's results (params.h's IWP_VTS_ABI_VERSION).
+ABI_VERSION = 1
+
+# Method ids on the C side (IwpVtsMethod); ids are part of the ABI, so a new method takes the next one.
+METHOD_IDS = {"iwp": 0, "fastv": 1, "dart": 2, "divprune": 3, "random": 4, "transprune": 5, "btp": 6}
+
+# Element types, by id (IwpVtsDtype). The first three are the activations' (IwpVtsParams.dtype).
+DTYPES = ("float32", "float16", "bfloat16", "int32", "int64")
+ACTIVATION_DTYPES = DTYPES[:3]
+ACTIVATIONS = INPUTS[:6]       # hidden, q, k, q_rot, k_rot, v: one dtype for all six, scored in fp32
+INPUT_DTYPES = {**{name: ACTIVATION_DTYPES for name in ACTIVATIONS},
+                "key_mask": ("int32",), "visual_start": ("int64",), "query_idx": ("int64",),
+                "query_mask": ("int32",), "last_idx": ("int64",), "visual_xy": ("float32",), "ttv": ("float32",)}
+OUTPUT_DTYPE = "int64"
+
 # Attributes every node carries, beside the method's own options.
 CORE_ATTRIBUTES = {"method": str, "keep": int, "layer_index": int, "stage": int, "n_stages": int,
                    "plugin_namespace": str, "plugin_version": str}
+CORE_DEFAULTS = {"method": "iwp", "keep": 0, "layer_index": 0, "stage": 0, "n_stages": 1,
+                 "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION}
+
+# String attributes with a closed set of values; on the C side a value is stored as its position.
+CHOICES = {"method": tuple(METHOD_IDS), "queries": QUERIES, "plugin_namespace": (PLUGIN_NAMESPACE,),
+           "plugin_version": (PLUGIN_VERSION,)}
+
+# IwpVtsParams, field by field: (C name, C type, the attribute it is read from, or None for shapes and
+# dtype). The ctypes mirror (cuda.py) and the generated header both follow this order.
+PARAMS = (("method", "int32", "method"), ("dtype", "int32", None), ("batch", "int64", None),
+          ("tokens", "int64", None), ("width", "int64", None), ("queryHeads", "int64", None),
+          ("kvHeads", "int64", None), ("headDim", "int64", None), ("visual", "int64", None),
+          ("queries", "int64", None), ("keep", "int64", "keep"), ("stage", "int64", "stage"),
+          ("nStages", "int64", "n_stages"), ("lam", "double", "lam"), ("chunk", "int64", "chunk"),
+          ("growth", "double", "growth"), ("queriesLast", "int32", "queries"), ("rebalance", "int32", "rebalance"),
+          ("pivots", "int64", "pivots"), ("seed", "int64", "seed"), ("alpha", "double", "alpha"),
+          ("attentionFirst", "double", "attention_first"), ("attentionLast", "double", "attention_last"),
+          ("seedFraction", "double", "seed_fraction"))
 
 
 def _attribute_type(annotation) -> type:
@@ -73,6 +108,23 @@ def method_options(config) -> dict:
 def node_attributes(method, keep: int, layer_index: int, stage: int, n_stages: int) -> dict:
     """The attributes of one node: the core ones plus the method's options."""
     return {**core_attributes(method.name, keep, layer_index, stage, n_stages), **method_options(method.config)}
+
+
+def scalar_attributes() -> dict[str, type]:
+    """Every attribute a node carries a single value for (core first, then the methods' options; BTP's
+    `layers` list is left out): the fields of the TensorRT creator, in order."""
+    return {name: kind for name, kind in {**CORE_ATTRIBUTES, **method_attributes()}.items() if kind is not tuple}
+
+
+def attribute_defaults() -> dict:
+    """name -> default of every scalar attribute: the core defaults, then each option's default from the
+    first method (in METHODS order) that has it. `layer` differs between methods; the creator never uses it."""
+    out = dict(CORE_DEFAULTS)
+    for cls in METHODS.values():
+        for field in dataclasses.fields(cls.Config):
+            if field.name in scalar_attributes() and field.name not in out:
+                out[field.name] = field.default
+    return out
 
 
 _NEUTRAL = {bool: 0, int: 0, float: 0.0, str: ""}

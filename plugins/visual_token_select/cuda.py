@@ -16,21 +16,14 @@ from . import contract
 from .view import LayerView
 
 LIBRARY_NAME = "libiwp_vts_kernels.so"
-ABI_VERSION = 1  # kernel.h's IWP_VTS_ABI_VERSION
-DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ABI_VERSION = contract.ABI_VERSION  # params.h's IWP_VTS_ABI_VERSION
+DTYPES = {getattr(torch, name): i for i, name in enumerate(contract.ACTIVATION_DTYPES)}
+_CTYPES = {"int32": ctypes.c_int32, "int64": ctypes.c_int64, "double": ctypes.c_double}
 
 
 class Params(ctypes.Structure):
-    """Mirror of kernel.h's IwpVtsParams (its size is checked against the library's on load)."""
-    _fields_ = [("method", ctypes.c_int32), ("dtype", ctypes.c_int32), ("batch", ctypes.c_int64),
-                ("tokens", ctypes.c_int64), ("width", ctypes.c_int64), ("queryHeads", ctypes.c_int64),
-                ("kvHeads", ctypes.c_int64), ("headDim", ctypes.c_int64), ("visual", ctypes.c_int64),
-                ("queries", ctypes.c_int64), ("keep", ctypes.c_int64), ("stage", ctypes.c_int64),
-                ("nStages", ctypes.c_int64), ("lam", ctypes.c_double), ("chunk", ctypes.c_int64),
-                ("growth", ctypes.c_double), ("queriesLast", ctypes.c_int32), ("rebalance", ctypes.c_int32),
-                ("pivots", ctypes.c_int64), ("seed", ctypes.c_int64), ("alpha", ctypes.c_double),
-                ("attentionFirst", ctypes.c_double), ("attentionLast", ctypes.c_double),
-                ("seedFraction", ctypes.c_double)]
+    """Mirror of params.h's IwpVtsParams, from contract.PARAMS (its size is checked against the library's on load)."""
+    _fields_ = [(name, _CTYPES[ctype]) for name, ctype, _ in contract.PARAMS]
 
 
 def default_library_path() -> Path:

@@ -29,6 +29,7 @@ from .view import LayerView, mean_over_queries, visual_log_attention
 from .stages import SingleStage
 
 _EPS = 1e-12
+QUERIES = ("instruction", "last")  # the query sets; on the C side `queriesLast` is the position here
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class IWPConfig:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"iwp lam must be in [0, 1], got {self.lam}")
         chunk_schedule(1, self.chunk, self.growth)  # validates chunk and growth
-        if self.queries not in ("instruction", "last"):
-            raise ValueError(f"iwp queries must be 'instruction' or 'last', got {self.queries!r}")
+        if self.queries not in QUERIES:
+            raise ValueError(f"iwp queries must be one of {QUERIES}, got {self.queries!r}")
 
 
 def magnitude(view: LayerView, queries: str) -> Tensor:

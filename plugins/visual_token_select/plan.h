@@ -3,7 +3,7 @@
 // validation of a parameter set. Host-only C++17: no CUDA, no pybind, no TensorRT.
 #pragma once
 
-#include "kernel.h"
+#include "params.h"
 
 #include <cstdint>
 #include <string>

@@ -28,26 +28,7 @@ void report(std::string const& where, std::string const& message)
     std::fprintf(stderr, "[iwp] VisualTokenSelect %s: %s\n", where.c_str(), message.c_str());
 }
 
-bool isActivation(int32_t pos)
-{
-    return pos <= kIwpVtsV;
-}
-
-DataType fixedType(int32_t pos)
-{
-    switch (pos)
-    {
-    case kIwpVtsKeyMask:
-    case kIwpVtsQueryMask: return DataType::kINT32;
-    case kIwpVtsVisualStart:
-    case kIwpVtsQueryIdx:
-    case kIwpVtsLastIdx: return DataType::kINT64;
-    case kIwpVtsVisualXy:
-    case kIwpVtsTtv: return DataType::kFLOAT;
-    default: return DataType::kINT64; // the output
-    }
-}
-
+// The contract's element type of a TensorRT type (IwpVtsDtype), or -1.
 int32_t dtypeId(DataType type)
 {
     switch (type)
@@ -55,8 +36,22 @@ int32_t dtypeId(DataType type)
     case DataType::kFLOAT: return kIwpVtsFloat32;
     case DataType::kHALF: return kIwpVtsFloat16;
     case DataType::kBF16: return kIwpVtsBFloat16;
+    case DataType::kINT32: return kIwpVtsInt32;
+    case DataType::kINT64: return kIwpVtsInt64;
     default: return -1;
     }
+}
+
+// Whether tensor `pos` (an input, or the output at kNumInputs) may have this type: the generated table.
+bool allowedType(int32_t pos, DataType type)
+{
+    int32_t const id = dtypeId(type);
+    if (id < 0)
+    {
+        return false;
+    }
+    uint32_t const allowed = pos < kNumInputs ? vts::kInputs[pos].dtypes : (1U << vts::kOutputDtype);
+    return (allowed & (1U << id)) != 0;
 }
 
 } // namespace
@@ -65,16 +60,25 @@ int32_t dtypeId(DataType type)
 
 std::vector<Attributes::Field> const& Attributes::schema()
 {
-    auto integer = [](char const* name, int32_t value) { return Field{name, PluginFieldType::kINT32, value, 0.0F, {}}; };
-    auto real = [](char const* name, float value) { return Field{name, PluginFieldType::kFLOAT32, 0, value, {}}; };
-    auto text = [](char const* name, char const* value) { return Field{name, PluginFieldType::kCHAR, 0, 0.0F, value}; };
-    // core attributes, then the methods' options with their Python defaults
-    static std::vector<Field> const fields{text("method", "iwp"), integer("keep", 0), integer("layer_index", 0),
-        integer("stage", 0), integer("n_stages", 1), text("plugin_namespace", kPluginNamespace),
-        text("plugin_version", kPluginVersion), integer("layer", 2), real("lam", 0.3F), integer("chunk", 4),
-        real("growth", 1.5F), text("queries", "instruction"), real("attention_first", 0.3F),
-        real("attention_last", 0.9F), real("seed_fraction", 0.1F), integer("rebalance", 1), real("alpha", 0.5F),
-        integer("ttv_start", 0), integer("pivots", 8), integer("seed", 0)};
+    static std::vector<Field> const fields = [] {
+        std::vector<Field> out;
+        for (vts::Attribute const& a : vts::kAttributes)
+        {
+            switch (a.type)
+            {
+            case vts::AttributeType::kInt:
+                out.push_back(Field{a.name, PluginFieldType::kINT32, static_cast<int32_t>(a.defaultInt), 0.0F, {}, &a});
+                break;
+            case vts::AttributeType::kFloat:
+                out.push_back(Field{a.name, PluginFieldType::kFLOAT32, 0, static_cast<float>(a.defaultReal), {}, &a});
+                break;
+            case vts::AttributeType::kText:
+                out.push_back(Field{a.name, PluginFieldType::kCHAR, 0, 0.0F, a.defaultText, &a});
+                break;
+            }
+        }
+        return out;
+    }();
     return fields;
 }
 
@@ -146,14 +150,30 @@ bool Attributes::parse(PluginFieldCollection const* fc, Attributes& out, std::st
             return false;
         }
     }
+    // closed value sets (method, queries, plugin version): checked here, when the plugin is created
+    for (Field const& field : out.mFields)
+    {
+        vts::Attribute const& a = *field.contract;
+        if (a.nbChoices > 0 && vts::choiceIndex(a, field.text.c_str()) < 0)
+        {
+            std::string allowed;
+            for (int32_t c = 0; c < a.nbChoices; ++c)
+            {
+                allowed += (c > 0 ? ", " : "") + std::string(a.choices[c]);
+            }
+            error = "attribute " + field.name + "='" + field.text + "' must be one of " + allowed
+                + "; re-export the graph with this iwp, or rebuild the plugin from the sources that exported it";
+            return false;
+        }
+    }
     return true;
 }
 
 IwpVtsParams Attributes::params(Dims const* inputs, DataType activations) const
 {
     IwpVtsParams p{};
-    p.method = iwpVtsMethodId(get("method").text.c_str());
-    p.dtype = dtypeId(activations);
+    int32_t const dtype = dtypeId(activations);
+    p.dtype = dtype <= kIwpVtsBFloat16 ? dtype : -1; // activations only
     if (inputs != nullptr)
     {
         p.batch = inputs[kIwpVtsHidden].d[0];
@@ -165,20 +185,16 @@ IwpVtsParams Attributes::params(Dims const* inputs, DataType activations) const
         p.visual = inputs[kIwpVtsVisualXy].d[1];
         p.queries = inputs[kIwpVtsQueryIdx].d[1];
     }
-    p.keep = get("keep").integer;
-    p.stage = get("stage").integer;
-    p.nStages = get("n_stages").integer;
-    p.lam = get("lam").real;
-    p.chunk = get("chunk").integer;
-    p.growth = get("growth").real;
-    p.queriesLast = get("queries").text == "last" ? 1 : 0;
-    p.rebalance = get("rebalance").integer;
-    p.pivots = get("pivots").integer;
-    p.seed = get("seed").integer;
-    p.alpha = get("alpha").real;
-    p.attentionFirst = get("attention_first").real;
-    p.attentionLast = get("attention_last").real;
-    p.seedFraction = get("seed_fraction").real;
+    for (Field const& field : mFields) // every attribute IwpVtsParams holds, through the generated table
+    {
+        vts::Attribute const& a = *field.contract;
+        switch (a.type)
+        {
+        case vts::AttributeType::kInt: vts::setParam(p, a, field.integer); break;
+        case vts::AttributeType::kFloat: vts::setParam(p, a, field.real); break;
+        case vts::AttributeType::kText: vts::setParam(p, a, vts::choiceIndex(a, field.text.c_str())); break;
+        }
+    }
     return p;
 }
 
@@ -306,12 +322,12 @@ bool VisualTokenSelectPlugin::supportsFormatCombination(
     {
         return false;
     }
-    if (isActivation(pos))
+    if (!allowedType(pos, desc.type))
     {
-        // fp32, fp16 or bf16, the same for all six activations
-        return dtypeId(desc.type) >= 0 && (pos == 0 || desc.type == inOut[0].desc.type);
+        return false;
     }
-    return desc.type == fixedType(pos);
+    // the activations share one type (IwpVtsParams.dtype): that of the first
+    return pos == kNumInputs || !vts::kInputs[pos].activation || desc.type == inOut[kIwpVtsHidden].desc.type;
 }
 
 int32_t VisualTokenSelectPlugin::configurePlugin(
@@ -457,25 +473,6 @@ IPluginV3* VisualTokenSelectCreator::createPlugin(char const* name, PluginFieldC
         }
         if (phase == TensorRTPhase::kBUILD)
         {
-            std::string const method = attributes.get("method").text;
-            std::string const queries = attributes.get("queries").text;
-            if (iwpVtsMethodId(method.c_str()) < 0)
-            {
-                report(where, "unknown method '" + method
-                        + "'; choose one of iwp, fastv, dart, divprune, random, transprune, btp");
-                return nullptr;
-            }
-            if (queries != "instruction" && queries != "last")
-            {
-                report(where, "queries='" + queries + "' must be 'instruction' or 'last'");
-                return nullptr;
-            }
-            if (attributes.get("plugin_version").text != kPluginVersion)
-            {
-                report(where, "the node asks for plugin version '" + attributes.get("plugin_version").text
-                        + "' but this library provides '" + kPluginVersion + "'; rebuild the plugin or re-export");
-                return nullptr;
-            }
             // Options are checked before any shape is known, against a stand-in shape as large as `keep`.
             IwpVtsParams params = attributes.params(nullptr, DataType::kFLOAT);
             params.batch = params.queryHeads = params.kvHeads = params.headDim = params.width = params.queries = 1;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "kernel.h"
+#include "params.h"
 
 #include <NvInferRuntime.h>
 
@@ -24,10 +25,10 @@ public:
         int32_t integer = 0;
         float real = 0.0F;
         std::string text;
+        vts::Attribute const* contract = nullptr; // its row in the generated table (params.h)
     };
 
-    // The fields every node carries (contract.py's scalar attributes); tests/test_plugin_sources.py checks
-    // this list against the contract.
+    // The fields every node carries: params.h's attribute table (contract.scalar_attributes()), with defaults.
     static std::vector<Field> const& schema();
 
     // Read from a field collection; unknown or mistyped fields fail with a message.
