@@ -33,8 +33,18 @@ RUNTIME_BUILD := build/runtime
 .PHONY: engine test test-slow test-gpu compare compare-trt profile bench-select bench-cuda plugins runtime clean \
 	train calibrate eval bench
 
+# nlohmann/json (header-only) reads manifests in the runtime core, which the venv's `_core` extension compiles:
+# installed first where missing (Debian's and JetPack's nlohmann-json3-dev).
+NLOHMANN := /usr/include/nlohmann/json.hpp
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(NLOHMANN):
+	@command -v apt-get >/dev/null 2>&1 || { echo "iwp: nlohmann/json not found ($@): install nlohmann-json3-dev, or its json.hpp into /usr/include/nlohmann" >&2; exit 1; }
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nlohmann-json3-dev
+
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
-$(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp $(wildcard runtime/core/*.cpp runtime/core/*.h)
+$(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp $(wildcard runtime/core/*.cpp runtime/core/*.h) \
+		| $(NLOHMANN)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0

@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <stdexcept>
 #include <string>
 
@@ -62,6 +63,39 @@ py::dtype cacheDtype(KvArena const& arena)
     return arena.layout().elementBytes == 2 ? py::dtype("float16") : py::dtype("float32");
 }
 
+// A seed as Python takes it: any int (or object with __index__), wrapped to uint64 the way the pure-Python
+// reference does (seed & (2**64 - 1)), so negative seeds and seeds past 64 bits draw the same tokens.
+uint64_t wrapSeed(py::handle seed)
+{
+    py::object const index = py::reinterpret_steal<py::object>(PyNumber_Index(seed.ptr()));
+    if (!index)
+    {
+        PyErr_Clear();
+        throw py::type_error("seed must be an int, got " + std::string(py::str(py::type::of(seed).attr("__name__"))));
+    }
+    unsigned long long const wrapped = PyLong_AsUnsignedLongLongMask(index.ptr()); // modulo 2**64
+    if (PyErr_Occurred())
+    {
+        throw py::error_already_set();
+    }
+    return static_cast<uint64_t>(wrapped);
+}
+
+py::object optionalIndex(int64_t value)
+{
+    return value < 0 ? py::none() : py::object(py::int_(value));
+}
+
+py::list shapeOf(TensorSpec const& t)
+{
+    py::list shape;
+    for (Dim const& dim : t.shape)
+    {
+        shape.append(dim.isStatic() ? py::object(py::int_(dim.size)) : py::object(py::str(dim.symbol)));
+    }
+    return shape;
+}
+
 } // namespace
 } // namespace iwp
 
@@ -70,6 +104,36 @@ PYBIND11_MODULE(_core, m)
     using namespace iwp;
     m.doc() = "iwp's runtime core: the KV arena, the samplers, the decode loop and the engine manifest";
     m.attr("MANIFEST_FORMAT") = kManifestFormat;
+    m.def(
+        "role_table",
+        [] {
+            py::dict table;
+            for (RoleSet const& roles : roleTable())
+            {
+                py::dict sides;
+                sides["inputs"] = py::tuple(py::cast(roles.inputs));
+                sides["outputs"] = py::tuple(py::cast(roles.outputs));
+                table[py::str(roles.graph)] = sides;
+            }
+            return table;
+        },
+        "The C++ role vocabulary: {graph: {'inputs': roles, 'outputs': roles}} in the format's graph order.");
+
+    py::class_<TensorSpec>(m, "TensorSpec")
+        .def_readonly("name", &TensorSpec::name)
+        .def_property_readonly("shape", &shapeOf, "ints for static dimensions, names for dynamic ones")
+        .def_readonly("dtype", &TensorSpec::dtype)
+        .def_readonly("role", &TensorSpec::role)
+        .def_property_readonly("layer", [](TensorSpec const& t) { return optionalIndex(t.layer); })
+        .def_property_readonly("stage", [](TensorSpec const& t) { return optionalIndex(t.stage); })
+        .def("__repr__", [](TensorSpec const& t) {
+            return "TensorSpec(" + std::string(py::repr(py::str(t.name))) + ", " + std::string(py::repr(shapeOf(t)))
+                + ", " + t.dtype + ", " + t.role + (t.layer >= 0 ? ", layer " + std::to_string(t.layer) : "")
+                + (t.stage >= 0 ? ", stage " + std::to_string(t.stage) : "") + ")";
+        });
+    py::class_<GraphIO>(m, "GraphIO")
+        .def_readonly("inputs", &GraphIO::inputs)
+        .def_readonly("outputs", &GraphIO::outputs);
 
     py::class_<EngineManifest>(m, "EngineManifest")
         .def_readonly("directory", &EngineManifest::directory)
@@ -89,8 +153,24 @@ PYBIND11_MODULE(_core, m)
         .def_readonly("stages", &EngineManifest::stages)
         .def_readonly("image_token", &EngineManifest::imageToken)
         .def_readonly("eos_token", &EngineManifest::eosToken)
-        .def_readonly("pad_token", &EngineManifest::padToken);
+        .def_readonly("pad_token", &EngineManifest::padToken)
+        .def_readonly("io", &EngineManifest::io, "{graph: GraphIO}: every graph's inputs and outputs, in order")
+        .def(
+            "find",
+            [](EngineManifest const& self, std::string const& graph, std::string const& side, std::string const& role,
+                std::optional<int64_t> layer, std::optional<int64_t> stage) -> TensorSpec const& {
+                if (side != "inputs" && side != "outputs")
+                {
+                    throw py::value_error("side must be 'inputs' or 'outputs', got " + std::string(py::repr(py::str(side))));
+                }
+                return self.find(graph, side == "outputs", role, layer.value_or(-1), stage.value_or(-1));
+            },
+            py::arg("graph"), py::arg("side"), py::arg("role"), py::arg("layer") = py::none(),
+            py::arg("stage") = py::none(), py::return_value_policy::reference_internal,
+            "The tensor of `graph` with this role (layer for the caches, stage for kept); RuntimeError if absent.");
     m.def("read_manifest", &readManifest, py::arg("directory"), "An engine directory's manifest.json, read in C++.");
+    m.def("parse_manifest", &parseManifest, py::arg("text"), py::arg("directory"),
+        "A manifest's text, read as read_manifest reads DIR/manifest.json (`directory` names it in errors).");
     m.def(
         "prefill_inputs",
         [](std::vector<int32_t> const& ids, EngineManifest const& manifest) {
@@ -102,18 +182,19 @@ PYBIND11_MODULE(_core, m)
                 return out;
             };
             py::dict d;
-            d["input_ids"] = row(in.inputIds);
-            d["attention_mask"] = row(in.attentionMask);
-            d["positions"] = row(in.positions);
-            d["visual_start"] = py::array_t<int64_t>(1, &in.visualStart);
-            d["query_idx"] = row(in.queryIdx);
-            d["query_mask"] = row(in.queryMask).attr("astype")("bool");
-            d["last_idx"] = py::array_t<int64_t>(1, &in.lastIdx);
+            d[role::kTokenIds] = row(in.inputIds); // the embed graph's input; the rest are the prefill's
+            d[role::kAttentionMask] = row(in.attentionMask);
+            d[role::kPositions] = row(in.positions);
+            d[role::kVisualStart] = py::array_t<int64_t>(1, &in.visualStart);
+            d[role::kQueryIdx] = row(in.queryIdx);
+            d[role::kQueryMask] = row(in.queryMask).attr("astype")("bool");
+            d[role::kLastIdx] = py::array_t<int64_t>(1, &in.lastIdx);
             d["next_position"] = in.nextPosition;
             return d;
         },
         py::arg("ids"), py::arg("manifest"),
-        "The prefill graph's inputs for one prompt's token ids (image tokens expanded), left-padded in C++.");
+        "One prompt's token ids (image tokens expanded), left-padded in C++: a dict by role (token_ids for the "
+        "embed graph, the prefill's input roles), plus next_position.");
 
     py::class_<KvArena>(m, "KvArena")
         .def(py::init([](std::vector<int64_t> capacities, int64_t kvHeads, int64_t headDim, size_t elementBytes) {
@@ -146,8 +227,11 @@ PYBIND11_MODULE(_core, m)
         });
 
     py::class_<Sampler>(m, "Sampler")
-        .def(py::init<double, double, uint64_t>(), py::arg("temperature") = 0.0, py::arg("top_p") = 1.0,
-            py::arg("seed") = 0)
+        .def(py::init([](double temperature, double topP, py::object const& seed) {
+            return new Sampler(temperature, topP, wrapSeed(seed));
+        }),
+            py::arg("temperature") = 0.0, py::arg("top_p") = 1.0, py::arg("seed") = 0,
+            "seed: any int, wrapped to uint64 (seed & (2**64 - 1)) as the Python reference wraps it")
         .def("sample", [](Sampler& s, py::array_t<float, py::array::c_style | py::array::forcecast> logits) {
             return s.sample(logits.data(), static_cast<size_t>(logits.size()));
         })

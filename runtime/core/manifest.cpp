@@ -1,394 +1,352 @@
 #include "manifest.h"
 
-#include <cmath>
-#include <cstdlib>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
 #include <fstream>
-#include <sstream>
+#include <iterator>
+#include <limits>
+#include <set>
 #include <stdexcept>
+#include <tuple>
 
 namespace iwp
 {
+namespace
+{
+using Json = nlohmann::json;
 
-class JsonParser
+std::string const kRebuild = "; rebuild it with `make engine`";
+
+// What is wrong with the document, without the engine's name and the rebuild hint (readManifest adds both).
+class ShapeError : public std::runtime_error
 {
 public:
-    explicit JsonParser(std::string const& text)
-        : mText(text)
+    using std::runtime_error::runtime_error;
+};
+
+char const* kindOf(Json const& value)
+{
+    switch (value.type())
     {
+    case Json::value_t::null: return "null";
+    case Json::value_t::boolean: return "a boolean";
+    case Json::value_t::number_integer:
+    case Json::value_t::number_unsigned: return "an integer";
+    case Json::value_t::number_float: return "a number";
+    case Json::value_t::string: return "a string";
+    case Json::value_t::array: return "an array";
+    case Json::value_t::object: return "an object";
+    default: return "not a JSON value";
     }
+}
 
-    Json document()
+// A value as compact ASCII JSON, shortened: safe to put on the error's one line whatever the file holds.
+std::string shown(Json const& value)
+{
+    std::string text = value.dump(-1, ' ', true, Json::error_handler_t::replace);
+    return text.size() > 40 ? text.substr(0, 37) + "..." : text;
+}
+
+// A value in the document and its path (e.g. io.prefill.outputs[3].layer), so every error names the field.
+class Field
+{
+public:
+    Field(Json const& value, std::string path)
+        : mValue(value)
+        , mPath(std::move(path))
     {
-        Json value = parseValue(0);
-        skipSpace();
-        if (mPos != mText.size())
-        {
-            fail("trailing characters after the JSON value");
-        }
-        return value;
-    }
-
-private:
-    static constexpr int kMaxDepth = 256; // deeper nesting is refused instead of overflowing the stack
-
-    // After an object member or array element: consumes the ',' (false) or the closing bracket (true).
-    bool closesAfterElement(char close)
-    {
-        skipSpace();
-        if (mPos < mText.size() && (mText[mPos] == ',' || mText[mPos] == close))
-        {
-            return mText[mPos++] == close;
-        }
-        fail(std::string("expected ',' or '") + close + "'");
     }
 
     [[noreturn]] void fail(std::string const& what) const
     {
-        throw std::runtime_error("JSON: " + what + " at byte " + std::to_string(mPos));
+        throw ShapeError(mPath.empty() ? "manifest.json " + what : "manifest.json field " + mPath + " " + what);
     }
 
-    void skipSpace()
+    [[noreturn]] void wrongType(char const* wanted) const
     {
-        while (mPos < mText.size()
-            && (mText[mPos] == ' ' || mText[mPos] == '\n' || mText[mPos] == '\r' || mText[mPos] == '\t'))
-        {
-            ++mPos;
-        }
+        fail(std::string("is ") + kindOf(mValue) + ", not " + wanted);
     }
 
-    void expectWord(char const* word, size_t length)
+    Json const& json() const { return mValue; }
+
+    bool has(std::string const& key) const
     {
-        if (mText.compare(mPos, length, word) != 0)
-        {
-            fail("unexpected token");
-        }
-        mPos += length;
+        return mValue.is_object() && mValue.contains(key) && !mValue.at(key).is_null();
     }
 
-    Json parseValue(int depth)
+    Field operator[](std::string const& key) const
     {
-        if (depth > kMaxDepth)
+        if (!mValue.is_object())
         {
-            fail("nesting deeper than 256 levels");
+            wrongType("an object");
         }
-        skipSpace();
-        if (mPos >= mText.size())
+        auto const it = mValue.find(key);
+        std::string const path = mPath.empty() ? key : mPath + "." + key;
+        if (it == mValue.end())
         {
-            fail("unexpected end of input");
+            throw ShapeError("manifest.json field " + path + " is missing");
         }
-        Json value;
-        char const c = mText[mPos];
-        if (c == '{')
-        {
-            value.mType = Json::Type::kObject;
-            ++mPos;
-            skipSpace();
-            if (mPos < mText.size() && mText[mPos] == '}')
-            {
-                ++mPos;
-                return value;
-            }
-            while (true)
-            {
-                skipSpace();
-                if (mPos >= mText.size() || mText[mPos] != '"')
-                {
-                    fail("expected a string key");
-                }
-                std::string key = parseString();
-                skipSpace();
-                if (mPos >= mText.size() || mText[mPos] != ':')
-                {
-                    fail("expected ':'");
-                }
-                ++mPos;
-                value.mObject[key] = parseValue(depth + 1);
-                if (closesAfterElement('}'))
-                {
-                    return value;
-                }
-            }
-        }
-        if (c == '[')
-        {
-            value.mType = Json::Type::kArray;
-            ++mPos;
-            skipSpace();
-            if (mPos < mText.size() && mText[mPos] == ']')
-            {
-                ++mPos;
-                return value;
-            }
-            while (true)
-            {
-                value.mArray.push_back(parseValue(depth + 1));
-                if (closesAfterElement(']'))
-                {
-                    return value;
-                }
-            }
-        }
-        if (c == '"')
-        {
-            value.mType = Json::Type::kString;
-            value.mString = parseString();
-            return value;
-        }
-        if (c == 't' || c == 'f')
-        {
-            value.mType = Json::Type::kBool;
-            value.mBool = c == 't';
-            c == 't' ? expectWord("true", 4) : expectWord("false", 5);
-            return value;
-        }
-        if (c == 'n')
-        {
-            expectWord("null", 4);
-            return value;
-        }
-        value.mType = Json::Type::kNumber;
-        value.mNumber = parseNumber();
-        return value;
+        return Field(*it, path);
     }
 
-    double parseNumber()
+    std::vector<Field> elements() const
     {
-        size_t const start = mPos;
-        if (mPos < mText.size() && mText[mPos] == '-')
+        if (!mValue.is_array())
         {
-            ++mPos;
+            wrongType("an array");
         }
-        auto digits = [&] {
-            size_t const first = mPos;
-            while (mPos < mText.size() && mText[mPos] >= '0' && mText[mPos] <= '9')
-            {
-                ++mPos;
-            }
-            return mPos > first;
-        };
-        if (!digits())
+        std::vector<Field> out;
+        for (size_t i = 0; i < mValue.size(); ++i)
         {
-            fail("expected a value");
+            out.emplace_back(mValue[i], mPath + "[" + std::to_string(i) + "]");
         }
-        if (mPos < mText.size() && mText[mPos] == '.')
-        {
-            ++mPos;
-            if (!digits())
-            {
-                fail("expected digits after '.'");
-            }
-        }
-        if (mPos < mText.size() && (mText[mPos] == 'e' || mText[mPos] == 'E'))
-        {
-            ++mPos;
-            if (mPos < mText.size() && (mText[mPos] == '+' || mText[mPos] == '-'))
-            {
-                ++mPos;
-            }
-            if (!digits())
-            {
-                fail("expected an exponent");
-            }
-        }
-        // strtod on the validated span (the C locale's decimal point is what JSON uses)
-        return std::strtod(mText.substr(start, mPos - start).c_str(), nullptr);
+        return out;
     }
 
-    static void appendUtf8(std::string& out, uint32_t cp)
+    // A whole number in [least, most]: JSON integers only (not 2.0, not true), as the Python reader takes them.
+    int64_t integer(int64_t least = std::numeric_limits<int64_t>::min(),
+        int64_t most = std::numeric_limits<int64_t>::max()) const
     {
-        if (cp < 0x80)
+        if (!mValue.is_number_integer())
         {
-            out += static_cast<char>(cp);
+            wrongType("an integer");
         }
-        else if (cp < 0x800)
+        bool const tooLarge = mValue.is_number_unsigned()
+            && mValue.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+        int64_t const value = tooLarge ? 0 : mValue.get<int64_t>();
+        if (tooLarge || value < least || value > most)
         {
-            out += static_cast<char>(0xC0 | (cp >> 6));
-            out += static_cast<char>(0x80 | (cp & 0x3F));
-        }
-        else if (cp < 0x10000)
-        {
-            out += static_cast<char>(0xE0 | (cp >> 12));
-            out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-            out += static_cast<char>(0x80 | (cp & 0x3F));
-        }
-        else
-        {
-            out += static_cast<char>(0xF0 | (cp >> 18));
-            out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-            out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-            out += static_cast<char>(0x80 | (cp & 0x3F));
-        }
-    }
-
-    uint32_t hex4()
-    {
-        if (mPos + 4 > mText.size())
-        {
-            fail("truncated \\u escape");
-        }
-        uint32_t value = 0;
-        for (int i = 0; i < 4; ++i)
-        {
-            char const h = mText[mPos++];
-            value <<= 4;
-            if (h >= '0' && h <= '9')
-                value |= static_cast<uint32_t>(h - '0');
-            else if (h >= 'a' && h <= 'f')
-                value |= static_cast<uint32_t>(h - 'a' + 10);
-            else if (h >= 'A' && h <= 'F')
-                value |= static_cast<uint32_t>(h - 'A' + 10);
-            else
-                fail("bad hex digit in \\u escape");
+            std::string range = most == std::numeric_limits<int64_t>::max()
+                ? ">= " + std::to_string(least)
+                : "in [" + std::to_string(least) + ", " + std::to_string(most) + "]";
+            fail("is " + shown(mValue) + ", not an integer " + range);
         }
         return value;
     }
 
-    std::string parseString()
+    std::string const& string() const
     {
-        ++mPos; // the opening quote
-        std::string out;
-        while (true)
+        if (!mValue.is_string())
         {
-            if (mPos >= mText.size())
-            {
-                fail("unterminated string");
-            }
-            char const c = mText[mPos++];
-            if (c == '"')
-            {
-                return out;
-            }
-            if (static_cast<unsigned char>(c) < 0x20)
-            {
-                fail("control character in a string");
-            }
-            if (c != '\\')
-            {
-                out += c;
-                continue;
-            }
-            if (mPos >= mText.size())
-            {
-                fail("unterminated escape");
-            }
-            char const e = mText[mPos++];
-            switch (e)
-            {
-            case '"': out += '"'; break;
-            case '\\': out += '\\'; break;
-            case '/': out += '/'; break;
-            case 'b': out += '\b'; break;
-            case 'f': out += '\f'; break;
-            case 'n': out += '\n'; break;
-            case 'r': out += '\r'; break;
-            case 't': out += '\t'; break;
-            case 'u':
-            {
-                uint32_t cp = hex4();
-                if (cp >= 0xD800 && cp < 0xDC00) // a surrogate pair
-                {
-                    if (mText.compare(mPos, 2, "\\u") != 0)
-                    {
-                        fail("unpaired surrogate");
-                    }
-                    mPos += 2;
-                    uint32_t const low = hex4();
-                    if (low < 0xDC00 || low >= 0xE000)
-                    {
-                        fail("bad low surrogate");
-                    }
-                    cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-                }
-                appendUtf8(out, cp);
-                break;
-            }
-            default: fail("bad escape");
-            }
+            wrongType("a string");
         }
+        return mValue.get_ref<std::string const&>();
     }
 
-    std::string const& mText;
-    size_t mPos = 0;
+    std::string const& oneOf(std::vector<std::string> const& allowed) const
+    {
+        std::string const& value = string();
+        if (std::find(allowed.begin(), allowed.end(), value) == allowed.end())
+        {
+            std::string list;
+            for (std::string const& a : allowed)
+            {
+                list += (list.empty() ? "" : ", ") + a;
+            }
+            fail("is " + shown(mValue) + ", not one of " + list);
+        }
+        return value;
+    }
+
+    std::vector<int64_t> integers(int64_t least) const
+    {
+        std::vector<int64_t> out;
+        for (Field const& item : elements())
+        {
+            out.push_back(item.integer(least));
+        }
+        return out;
+    }
+
+private:
+    Json const& mValue;
+    std::string mPath;
 };
 
-Json Json::parse(std::string const& text)
+std::vector<std::string> const kDtypes{"float32", "float16", "bfloat16", "int64", "int32", "bool"};
+
+bool isCacheRole(std::string const& r)
 {
-    return JsonParser(text).document();
+    return r == role::kKey || r == role::kValue || r == role::kValid;
 }
 
-namespace
+// A recorded dimension: a size, or a dynamic dimension's name.
+Dim readDim(Field const& field)
 {
-char const* typeName(Json::Type type)
-{
-    switch (type)
+    Dim dim;
+    if (field.json().is_string())
     {
-    case Json::Type::kNull: return "null";
-    case Json::Type::kBool: return "a boolean";
-    case Json::Type::kNumber: return "a number";
-    case Json::Type::kString: return "a string";
-    case Json::Type::kArray: return "an array";
-    case Json::Type::kObject: return "an object";
+        dim.symbol = field.string();
+        if (dim.symbol.empty())
+        {
+            field.fail("is an empty dimension name");
+        }
+        return dim;
     }
-    return "?";
+    if (!field.json().is_number_integer())
+    {
+        field.wrongType("an integer or a dimension name");
+    }
+    dim.size = field.integer(0);
+    return dim;
 }
 
-void expect(Json::Type actual, Json::Type wanted)
+TensorSpec readTensor(Field const& field, std::vector<std::string> const& roles, EngineManifest const& m)
 {
-    if (actual != wanted)
+    TensorSpec t;
+    t.name = field["name"].string();
+    if (t.name.empty())
     {
-        throw std::runtime_error(std::string("JSON: expected ") + typeName(wanted) + ", found " + typeName(actual));
+        field["name"].fail("is empty");
     }
+    for (Field const& dim : field["shape"].elements())
+    {
+        t.shape.push_back(readDim(dim));
+    }
+    t.dtype = field["dtype"].oneOf(kDtypes);
+    t.role = field["role"].oneOf(roles);
+    // layer on the caches, stage on kept; on any other role they are absent (or null)
+    if (isCacheRole(t.role))
+    {
+        t.layer = field["layer"].integer(0, m.nLayers - 1);
+    }
+    else if (field.has("layer"))
+    {
+        field["layer"].fail("is set, but role " + t.role + " takes no layer");
+    }
+    if (t.role == role::kKept)
+    {
+        if (m.stages == 0)
+        {
+            field["role"].fail("is kept, but method.stages records no selection stage");
+        }
+        t.stage = field["stage"].integer(0, m.stages - 1);
+    }
+    else if (field.has("stage"))
+    {
+        field["stage"].fail("is set, but role " + t.role + " takes no stage");
+    }
+    return t;
+}
+
+GraphIO readGraph(Field const& field, RoleSet const& roles, EngineManifest const& m)
+{
+    GraphIO io;
+    std::set<std::string> names;
+    for (bool output : {false, true})
+    {
+        std::vector<Field> const items = field[output ? "outputs" : "inputs"].elements();
+        std::vector<TensorSpec>& specs = output ? io.outputs : io.inputs;
+        std::set<std::tuple<std::string, int64_t, int64_t>> seen;
+        for (size_t i = 0; i < items.size(); ++i)
+        {
+            specs.push_back(readTensor(items[i], output ? roles.outputs : roles.inputs, m));
+            TensorSpec const& t = specs.back();
+            // find() must have one answer, and a graph's tensor names are unique (ONNX and TensorRT need it)
+            if (!seen.emplace(t.role, t.layer, t.stage).second)
+            {
+                items[i]["role"].fail("repeats role " + t.role + " (layer " + std::to_string(t.layer) + ", stage "
+                    + std::to_string(t.stage) + ")");
+            }
+            if (!names.insert(t.name).second)
+            {
+                items[i]["name"].fail("repeats the name " + shown(items[i]["name"].json()) + " in this graph");
+            }
+        }
+    }
+    return io;
+}
+
+// Where the parser stopped, as line and column (nlohmann reports a byte offset, 1-based).
+std::string position(std::string const& text, size_t byte)
+{
+    size_t const end = std::min(byte > 0 ? byte - 1 : 0, text.size());
+    size_t const line = 1 + static_cast<size_t>(std::count(text.begin(), text.begin() + end, '\n'));
+    size_t const lineStart = text.rfind('\n', end == 0 ? 0 : end - 1);
+    size_t const column = lineStart == std::string::npos || end == 0 ? end + 1 : end - lineStart;
+    return "line " + std::to_string(line) + ", column " + std::to_string(column);
+}
+
+EngineManifest read(Json const& doc, std::string const& directory)
+{
+    Field const root(doc, "");
+    if (!doc.is_object())
+    {
+        root.wrongType("an object");
+    }
+    int64_t const format = root["format"].integer();
+    if (format != kManifestFormat)
+    {
+        throw ShapeError("manifest format " + std::to_string(format) + " is not this runtime's format "
+            + std::to_string(kManifestFormat));
+    }
+    EngineManifest m;
+    m.directory = directory;
+    Field const model = root["model"];
+    Field const shapes = root["shapes"];
+    Field const tokens = root["tokens"];
+    m.model = model["name"].string();
+    m.method = root["method"]["name"].string();
+    m.dtype = root["dtype"].oneOf({"fp32", "fp16"});
+    m.nLayers = model["n_layers"].integer(1);
+    m.nKvHeads = model["n_kv_heads"].integer(1);
+    m.headDim = model["head_dim"].integer(1);
+    m.hiddenSize = model["hidden_size"].integer(1);
+    m.vocabSize = model["vocab_size"].integer(1);
+    m.maxPrompt = shapes["max_prompt"].integer(2);
+    m.nVisual = model["n_visual"].integer(1, m.maxPrompt - 1); // at least one text slot beside the image
+    m.maxNewTokens = shapes["max_new_tokens"].integer(1);
+    m.prefillLen = shapes["prefill_len"].integers(1);
+    m.cacheLen = shapes["cache_len"].integers(1);
+    for (Field const& stage : root["method"]["stages"].elements()) // [layer, tokens kept] per stage
+    {
+        std::vector<int64_t> const pair = stage.integers(0);
+        if (pair.size() != 2)
+        {
+            stage.fail("has " + std::to_string(pair.size()) + " numbers, not [layer, tokens]");
+        }
+        ++m.stages;
+    }
+    m.imageToken = static_cast<int32_t>(tokens["image"].integer(0, std::numeric_limits<int32_t>::max()));
+    m.eosToken = static_cast<int32_t>(tokens["eos"].integer(0, std::numeric_limits<int32_t>::max()));
+    m.padToken = static_cast<int32_t>(tokens["pad"].integer(0, std::numeric_limits<int32_t>::max()));
+    for (auto const* lengths : {&m.prefillLen, &m.cacheLen})
+    {
+        if (static_cast<int64_t>(lengths->size()) != m.nLayers)
+        {
+            shapes[lengths == &m.cacheLen ? "cache_len" : "prefill_len"].fail("has "
+                + std::to_string(lengths->size()) + " layers, not model.n_layers = " + std::to_string(m.nLayers));
+        }
+    }
+    for (int64_t l = 0; l < m.nLayers; ++l)
+    {
+        if (m.cacheLen[l] < m.prefillLen[l])
+        {
+            shapes["cache_len"].fail("holds fewer slots than shapes.prefill_len at layer " + std::to_string(l));
+        }
+    }
+    Field const io = root["io"];
+    for (RoleSet const& roles : roleTable())
+    {
+        m.io[roles.graph] = readGraph(io[roles.graph], roles, m);
+    }
+    return m;
 }
 } // namespace
 
-bool Json::asBool() const
+std::vector<RoleSet> const& roleTable()
 {
-    expect(mType, Type::kBool);
-    return mBool;
-}
-
-double Json::asNumber() const
-{
-    expect(mType, Type::kNumber);
-    return mNumber;
-}
-
-int64_t Json::asInt() const
-{
-    expect(mType, Type::kNumber);
-    if (mNumber != std::floor(mNumber) || std::fabs(mNumber) > 9.007199254740992e15)
-    {
-        throw std::runtime_error("JSON: expected a whole number, found " + std::to_string(mNumber));
-    }
-    return static_cast<int64_t>(mNumber);
-}
-
-std::string const& Json::asString() const
-{
-    expect(mType, Type::kString);
-    return mString;
-}
-
-std::vector<Json> const& Json::asArray() const
-{
-    expect(mType, Type::kArray);
-    return mArray;
-}
-
-bool Json::has(std::string const& key) const
-{
-    return mType == Type::kObject && mObject.count(key) > 0;
-}
-
-Json const& Json::operator[](std::string const& key) const
-{
-    expect(mType, Type::kObject);
-    auto const it = mObject.find(key);
-    if (it == mObject.end())
-    {
-        throw std::runtime_error("JSON: missing key \"" + key + "\"");
-    }
-    return it->second;
+    using namespace role;
+    static std::vector<RoleSet> const table{
+        {"embed", {kTokenIds}, {kEmbeddings}},
+        {"vision", {kPixels}, {kFeatures}},
+        {"prefill", {kEmbeddings, kAttentionMask, kPositions, kVisualStart, kQueryIdx, kQueryMask, kLastIdx},
+            {kLogits, kKept, kKey, kValue, kValid}},
+        {"decode", {kEmbeddings, kPosition, kStep, kKey, kValue, kValid}, {kLogits, kKey, kValue, kValid}},
+    };
+    return table;
 }
 
 KvLayout EngineManifest::kvLayout() const
@@ -401,74 +359,69 @@ KvLayout EngineManifest::kvLayout() const
     return layout;
 }
 
-namespace
+TensorSpec const& EngineManifest::find(std::string const& graph, bool output, std::string const& role,
+    int64_t layer, int64_t stage) const
 {
-std::vector<int64_t> intList(Json const& value)
-{
-    std::vector<int64_t> out;
-    for (Json const& item : value.asArray())
+    auto const it = io.find(graph);
+    if (it != io.end())
     {
-        out.push_back(item.asInt());
+        for (TensorSpec const& t : output ? it->second.outputs : it->second.inputs)
+        {
+            if (t.role == role && t.layer == layer && t.stage == stage)
+            {
+                return t;
+            }
+        }
     }
-    return out;
+    std::string const which = (layer >= 0 ? " for layer " + std::to_string(layer) : "")
+        + (stage >= 0 ? " for stage " + std::to_string(stage) : "");
+    throw std::runtime_error("engine " + directory + ": " + graph + " has no " + role
+        + (output ? " output" : " input") + which + kRebuild);
 }
-} // namespace
+
+EngineManifest parseManifest(std::string const& text, std::string const& directory)
+{
+    std::string const prefix = "engine " + directory + ": ";
+    Json doc;
+    try
+    {
+        doc = Json::parse(text);
+    }
+    catch (Json::parse_error const& error)
+    {
+        throw std::runtime_error(prefix + "manifest.json is not JSON (at " + position(text, error.byte) + ")" + kRebuild);
+    }
+    try
+    {
+        return read(doc, directory);
+    }
+    catch (ShapeError const& error)
+    {
+        throw std::runtime_error(prefix + error.what() + kRebuild);
+    }
+    catch (Json::exception const& error) // a check above missed a case: still one line, never a crash
+    {
+        throw std::runtime_error(prefix + "manifest.json is unusable (json error " + std::to_string(error.id) + ")"
+            + kRebuild);
+    }
+}
 
 EngineManifest readManifest(std::string const& directory)
 {
     std::string const path = directory + "/manifest.json";
-    std::string const rebuild = "; rebuild it with `make engine`";
+    std::error_code ignored;
     std::ifstream file(path, std::ios::binary);
-    if (!file)
+    // a directory opens as a stream on Linux and reads as nothing: refuse it as unreadable, not as bad JSON
+    if (!file || !std::filesystem::is_regular_file(path, ignored))
     {
-        throw std::runtime_error("engine " + directory + ": has no readable manifest.json" + rebuild);
+        throw std::runtime_error("engine " + directory + ": has no readable manifest.json" + kRebuild);
     }
-    std::stringstream text;
-    text << file.rdbuf();
-    EngineManifest m;
-    m.directory = directory;
-    try
+    std::string const text(std::istreambuf_iterator<char>(file), {});
+    if (file.bad())
     {
-        Json const doc = Json::parse(text.str());
-        int64_t const format = doc["format"].asInt();
-        if (format != kManifestFormat)
-        {
-            throw std::runtime_error("manifest format " + std::to_string(format) + " is not this runtime's format "
-                + std::to_string(kManifestFormat));
-        }
-        Json const& model = doc["model"];
-        Json const& shapes = doc["shapes"];
-        Json const& tokens = doc["tokens"];
-        m.model = model["name"].asString();
-        m.method = doc["method"]["name"].asString();
-        m.dtype = doc["dtype"].asString();
-        m.nLayers = model["n_layers"].asInt();
-        m.nKvHeads = model["n_kv_heads"].asInt();
-        m.headDim = model["head_dim"].asInt();
-        m.hiddenSize = model["hidden_size"].asInt();
-        m.vocabSize = model["vocab_size"].asInt();
-        m.nVisual = model["n_visual"].asInt();
-        m.maxPrompt = shapes["max_prompt"].asInt();
-        m.maxNewTokens = shapes["max_new_tokens"].asInt();
-        m.prefillLen = intList(shapes["prefill_len"]);
-        m.cacheLen = intList(shapes["cache_len"]);
-        m.stages = static_cast<int64_t>(doc["method"]["stages"].asArray().size());
-        m.imageToken = static_cast<int32_t>(tokens["image"].asInt());
-        m.eosToken = static_cast<int32_t>(tokens["eos"].asInt());
-        m.padToken = static_cast<int32_t>(tokens["pad"].asInt());
+        throw std::runtime_error("engine " + directory + ": manifest.json does not read (I/O error)" + kRebuild);
     }
-    catch (std::runtime_error const& error)
-    {
-        throw std::runtime_error("engine " + directory + ": manifest.json is unusable (" + error.what() + ")" + rebuild);
-    }
-    if (static_cast<int64_t>(m.cacheLen.size()) != m.nLayers || static_cast<int64_t>(m.prefillLen.size()) != m.nLayers
-        || (m.dtype != "fp32" && m.dtype != "fp16"))
-    {
-        throw std::runtime_error("engine " + directory + ": manifest.json has per-layer shapes for "
-            + std::to_string(m.cacheLen.size()) + " layers but " + std::to_string(m.nLayers)
-            + " layers, or an unknown dtype" + rebuild);
-    }
-    return m;
+    return parseManifest(text, directory);
 }
 
 } // namespace iwp

@@ -23,6 +23,26 @@ double SplitMix64::uniform()
     return static_cast<double>(next() >> 11) * 0x1.0p-53;
 }
 
+uint64_t parseSeed(std::string const& text)
+{
+    bool const negative = !text.empty() && text[0] == '-';
+    size_t const first = negative || (!text.empty() && text[0] == '+') ? 1 : 0;
+    if (text.size() == first)
+    {
+        throw std::invalid_argument("seed must be an integer, got \"" + text + "\"");
+    }
+    uint64_t value = 0; // arithmetic modulo 2**64: the low 64 bits of the integer
+    for (size_t i = first; i < text.size(); ++i)
+    {
+        if (text[i] < '0' || text[i] > '9')
+        {
+            throw std::invalid_argument("seed must be an integer, got \"" + text + "\"");
+        }
+        value = value * 10 + static_cast<uint64_t>(text[i] - '0');
+    }
+    return negative ? ~value + 1 : value; // two's complement: -x modulo 2**64
+}
+
 Sampler::Sampler(double temperature, double topP, uint64_t seed)
     : mTemperature(temperature)
     , mTopP(topP)

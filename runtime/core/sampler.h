@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 namespace iwp
 {
@@ -22,6 +23,10 @@ public:
 private:
     uint64_t mState;
 };
+
+// A seed written as a decimal integer of any size or sign, wrapped to uint64 as the Python reference wraps
+// any int (seed & (2**64 - 1)): "-1" is 2**64 - 1. Throws std::invalid_argument on anything else.
+uint64_t parseSeed(std::string const& text);
 
 class Sampler
 {

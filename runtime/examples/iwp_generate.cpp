@@ -67,10 +67,10 @@ Options parse(int argc, char** argv)
             else if (flag == "--max-new-tokens") o.maxNewTokens = std::stoll(value);
             else if (flag == "--temperature") o.temperature = std::stod(value);
             else if (flag == "--top-p") o.topP = std::stod(value);
-            else if (flag == "--seed") o.seed = std::stoull(value);
+            else if (flag == "--seed") o.seed = iwp::parseSeed(value); // any integer, wrapped as Python wraps it
             else usage("unknown flag " + flag);
         }
-        catch (std::logic_error const&) // stoll/stod on a non-number
+        catch (std::logic_error const&) // stoll/stod/parseSeed on a non-number
         {
             usage(flag + " takes a number, got " + value);
         }

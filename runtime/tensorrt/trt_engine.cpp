@@ -190,6 +190,34 @@ TrtGraph::TrtGraph(TrtGraph const& other)
     }
 }
 
+void TrtGraph::matchManifest(GraphIO const& io, std::string const& graph, std::string const& directory) const
+{
+    // a plan swapped for another graph, or built from another export, is refused here, not at enqueue
+    std::string const mismatch = "engine " + directory + ": " + mPath + " is not the " + graph + " graph of this engine";
+    size_t const recorded = io.inputs.size() + io.outputs.size();
+    if (static_cast<size_t>(mEngine->getNbIOTensors()) != recorded)
+    {
+        throw std::runtime_error(mismatch + " (" + std::to_string(mEngine->getNbIOTensors()) + " tensors, the manifest records "
+            + std::to_string(recorded) + "); " + mHint);
+    }
+    for (bool output : {false, true})
+    {
+        for (TensorSpec const& t : output ? io.outputs : io.inputs)
+        {
+            bool found = false;
+            for (int32_t i = 0; i < mEngine->getNbIOTensors() && !found; ++i)
+            {
+                found = t.name == mEngine->getIOTensorName(i);
+            }
+            nvinfer1::TensorIOMode const wanted = output ? nvinfer1::TensorIOMode::kOUTPUT : nvinfer1::TensorIOMode::kINPUT;
+            if (!found || mEngine->getTensorIOMode(t.name.c_str()) != wanted)
+            {
+                throw std::runtime_error(mismatch + " (no " + (output ? "output " : "input ") + t.name + "); " + mHint);
+            }
+        }
+    }
+}
+
 void TrtGraph::require(std::string const& name) const
 {
     for (int32_t i = 0; i < mEngine->getNbIOTensors(); ++i)
@@ -269,6 +297,27 @@ TrtEngine::TrtEngine(std::string const& directory, std::string const& pluginLibr
                 + kRebuildPlans);
         }
     }
+    EngineManifest const& m = mManifest;
+    // Every tensor is bound by its role in the manifest's io section; the names are the exporter's.
+    auto input = [&](char const* graph, char const* role, char const* dtype = nullptr) {
+        TensorSpec const& t = m.find(graph, false, role);
+        if (dtype != nullptr && t.dtype != dtype) // the host side feeds this width; another is a stale engine
+        {
+            throw std::runtime_error("engine " + directory + ": " + graph + " input " + role + " is " + t.dtype + ", not the "
+                + dtype + " this runtime feeds; " + kRebuildPlans);
+        }
+        return t.name;
+    };
+    auto output = [&](char const* graph, char const* role, int64_t stage = -1) {
+        return m.find(graph, true, role, -1, stage).name;
+    };
+    for (int64_t layer = 0; layer < m.nLayers; ++layer)
+    {
+        mPrefillPresent.push_back(cacheNames("prefill", true, layer));
+        mDecodePast.push_back(cacheNames("decode", false, layer));
+        mDecodePresent.push_back(cacheNames("decode", true, layer));
+    }
+
     mPlugin = loadPlugin(pluginLibrary);
     mLogger = std::make_unique<Logger>();
     mRuntime.reset(nvinfer1::createInferRuntime(*mLogger));
@@ -282,58 +331,80 @@ TrtEngine::TrtEngine(std::string const& directory, std::string const& pluginLibr
     mPrefill = std::make_unique<TrtGraph>(*mRuntime, directory + "/prefill.plan", hint);
     mDecode[0] = std::make_unique<TrtGraph>(*mRuntime, directory + "/decode.plan", hint);
     mDecode[1] = std::make_unique<TrtGraph>(*mDecode[0]); // one context per arena parity: fixed bindings
+    for (auto const& [graph, plan] : {std::pair<char const*, TrtGraph*>{"embed", mEmbedPrompt.get()},
+             {"vision", mVision.get()}, {"prefill", mPrefill.get()}, {"decode", mDecode[0].get()}})
+    {
+        plan->matchManifest(m.io.at(graph), graph, directory);
+    }
     check(cudaStreamCreateWithFlags(&mStream, cudaStreamNonBlocking), "cudaStreamCreate");
     mArena = std::make_unique<KvArena>(mManifest.kvLayout(), deviceAllocator());
 
-    EngineManifest const& m = mManifest;
     mElement = m.dtype == "fp16" ? 2 : 4;
     int64_t const queries = m.maxPrompt - m.nVisual;
-    mEmbedPrompt->setShape("input_ids", {1, m.maxPrompt});
-    mEmbedToken->setShape("input_ids", {1, 1});
+    std::string const tokenIds = input("embed", role::kTokenIds, "int64");
+    std::string const embeddings = output("embed", role::kEmbeddings);
+    mEmbedPrompt->setShape(tokenIds, {1, m.maxPrompt});
+    mEmbedToken->setShape(tokenIds, {1, 1});
     mPromptIds = DeviceBuffer(8 * m.maxPrompt);
-    mPromptEmbeds = DeviceBuffer(mEmbedPrompt->bytes("inputs_embeds"));
-    mPixelBytes = mVision->bytes("pixel_values");
+    mPromptEmbeds = DeviceBuffer(mEmbedPrompt->bytes(embeddings));
+    std::string const pixels = input("vision", role::kPixels);
+    std::string const features = output("vision", role::kFeatures);
+    mPixelBytes = mVision->bytes(pixels);
     mPixels = DeviceBuffer(mPixelBytes);
-    mFeatures = DeviceBuffer(mVision->bytes("image_features"));
+    mFeatures = DeviceBuffer(mVision->bytes(features));
     mMask = DeviceBuffer(8 * m.maxPrompt);
     mPositions = DeviceBuffer(8 * m.maxPrompt);
     mVisualStart = DeviceBuffer(8);
     mQueryIdx = DeviceBuffer(8 * queries);
     mQueryMask = DeviceBuffer(queries);
     mLastIdx = DeviceBuffer(8);
-    mPrefillLogits = DeviceBuffer(mPrefill->bytes("logits"));
-    mEmbedPrompt->bind("input_ids", mPromptIds.get());
-    mEmbedPrompt->bind("inputs_embeds", mPromptEmbeds.get());
-    mVision->bind("pixel_values", mPixels.get());
-    mVision->bind("image_features", mFeatures.get());
-    for (auto const& [name, buffer] : {std::pair<char const*, DeviceBuffer*>{"inputs_embeds", &mPromptEmbeds},
-             {"attention_mask", &mMask}, {"positions", &mPositions}, {"visual_start", &mVisualStart},
-             {"query_idx", &mQueryIdx}, {"query_mask", &mQueryMask}, {"last_idx", &mLastIdx},
-             {"logits", &mPrefillLogits}})
+    mPrefillLogitsName = output("prefill", role::kLogits);
+    mPrefillLogits = DeviceBuffer(mPrefill->bytes(mPrefillLogitsName));
+    mEmbedPrompt->bind(tokenIds, mPromptIds.get());
+    mEmbedPrompt->bind(embeddings, mPromptEmbeds.get());
+    mVision->bind(pixels, mPixels.get());
+    mVision->bind(features, mFeatures.get());
+    for (auto const& [name, buffer] : {std::pair<std::string, DeviceBuffer*>{input("prefill", role::kEmbeddings),
+             &mPromptEmbeds}, {input("prefill", role::kAttentionMask, "int64"), &mMask},
+             {input("prefill", role::kPositions, "int64"), &mPositions},
+             {input("prefill", role::kVisualStart, "int64"), &mVisualStart},
+             {input("prefill", role::kQueryIdx, "int64"), &mQueryIdx},
+             {input("prefill", role::kQueryMask, "bool"), &mQueryMask},
+             {input("prefill", role::kLastIdx, "int64"), &mLastIdx}, {mPrefillLogitsName, &mPrefillLogits}})
     {
         mPrefill->bind(name, buffer->get());
     }
     for (int64_t s = 0; s < m.stages; ++s)
     {
-        std::string const name = "kept." + std::to_string(s);
-        mKept.emplace_back(mPrefill->bytes(name));
-        mPrefill->bind(name, mKept.back().get());
+        std::string const kept = output("prefill", role::kKept, s);
+        mKept.emplace_back(mPrefill->bytes(kept));
+        mPrefill->bind(kept, mKept.back().get());
     }
 
     mScalars = DeviceBuffer(3 * sizeof(int64_t));
     check(cudaMallocHost(reinterpret_cast<void**>(&mHostScalars), 3 * sizeof(int64_t)), "cudaMallocHost");
     auto* scalars = static_cast<int64_t*>(mScalars.get());
-    mTokenEmbed = DeviceBuffer(mEmbedToken->bytes("inputs_embeds"));
-    mEmbedToken->bind("input_ids", scalars);
-    mEmbedToken->bind("inputs_embeds", mTokenEmbed.get());
-    mDecodeLogits = DeviceBuffer(mDecode[0]->bytes("logits"));
-    mLogitsHalf = mDecode[0]->dataType("logits") == nvinfer1::DataType::kHALF;
+    mTokenEmbed = DeviceBuffer(mEmbedToken->bytes(embeddings));
+    mEmbedToken->bind(tokenIds, scalars);
+    mEmbedToken->bind(embeddings, mTokenEmbed.get());
+    mDecodeEmbeddings = input("decode", role::kEmbeddings);
+    mDecodePosition = input("decode", role::kPosition, "int64");
+    mDecodeStep = input("decode", role::kStep, "int64");
+    mDecodeLogitsName = output("decode", role::kLogits);
+    mDecodeLogits = DeviceBuffer(mDecode[0]->bytes(mDecodeLogitsName));
+    mLogitsHalf = mDecode[0]->dataType(mDecodeLogitsName) == nvinfer1::DataType::kHALF;
     check(cudaMallocHost(&mHostLogits, mDecodeLogits.bytes()), "cudaMallocHost");
     mLogits.resize(vocab());
     for (int past = 0; past < 2; ++past)
     {
         bindDecode(past);
     }
+}
+
+TrtEngine::CacheNames TrtEngine::cacheNames(char const* graph, bool output, int64_t layer) const
+{
+    return CacheNames{mManifest.find(graph, output, role::kKey, layer).name,
+        mManifest.find(graph, output, role::kValue, layer).name, mManifest.find(graph, output, role::kValid, layer).name};
 }
 
 TrtEngine::~TrtEngine()
@@ -359,20 +430,21 @@ void TrtEngine::bindDecode(int past)
 {
     TrtGraph& graph = *mDecode[past];
     auto* scalars = static_cast<int64_t*>(mScalars.get());
-    graph.bind("inputs_embeds", mTokenEmbed.get());
-    graph.bind("position", scalars + 1);
-    graph.bind("step", scalars + 2);
-    graph.bind("logits", mDecodeLogits.get());
+    graph.bind(mDecodeEmbeddings, mTokenEmbed.get());
+    graph.bind(mDecodePosition, scalars + 1);
+    graph.bind(mDecodeStep, scalars + 2);
+    graph.bind(mDecodeLogitsName, mDecodeLogits.get());
     int const present = 1 - past;
     for (int64_t layer = 0; layer < mManifest.nLayers; ++layer)
     {
-        std::string const l = std::to_string(layer);
-        graph.bind("past." + l + ".key", mArena->key(past, layer));
-        graph.bind("past." + l + ".value", mArena->value(past, layer));
-        graph.bind("past." + l + ".valid", mArena->valid(past, layer));
-        graph.bind("present." + l + ".key", mArena->key(present, layer));
-        graph.bind("present." + l + ".value", mArena->value(present, layer));
-        graph.bind("present." + l + ".valid", mArena->valid(present, layer));
+        CacheNames const& in = mDecodePast[layer];
+        CacheNames const& out = mDecodePresent[layer];
+        graph.bind(in.key, mArena->key(past, layer));
+        graph.bind(in.value, mArena->value(past, layer));
+        graph.bind(in.valid, mArena->valid(past, layer));
+        graph.bind(out.key, mArena->key(present, layer));
+        graph.bind(out.value, mArena->value(present, layer));
+        graph.bind(out.valid, mArena->valid(present, layer));
     }
 }
 
@@ -391,12 +463,12 @@ std::vector<float> TrtEngine::prefill(PrefillInputs const& in, void const* pixel
     }
     mArena->reset(); // every slot invalid, set 0 is the past: the prefill writes it whole
     int const past = mArena->past();
-    for (int64_t layer = 0; layer < m.nLayers; ++layer)
+    for (int64_t layer = 0; layer < m.nLayers; ++layer) // the prefill's caches are laid out as decode's past
     {
-        std::string const l = std::to_string(layer);
-        mPrefill->bind("present." + l + ".key", mArena->key(past, layer));
-        mPrefill->bind("present." + l + ".value", mArena->value(past, layer));
-        mPrefill->bind("present." + l + ".valid", mArena->valid(past, layer));
+        CacheNames const& out = mPrefillPresent[layer];
+        mPrefill->bind(out.key, mArena->key(past, layer));
+        mPrefill->bind(out.value, mArena->value(past, layer));
+        mPrefill->bind(out.valid, mArena->valid(past, layer));
     }
     auto upload = [&](DeviceBuffer& to, void const* from, size_t bytes) {
         check(cudaMemcpyAsync(to.get(), from, bytes, cudaMemcpyHostToDevice, mStream), "upload");
@@ -419,7 +491,7 @@ std::vector<float> TrtEngine::prefill(PrefillInputs const& in, void const* pixel
     mPrefill->enqueue(mStream);
     std::vector<char> logits(mPrefillLogits.bytes());
     check(cudaMemcpyAsync(logits.data(), mPrefillLogits.get(), logits.size(), cudaMemcpyDeviceToHost, mStream),
-        "logits");
+        "prefill logits");
     if (kept != nullptr)
     {
         kept->assign(mKept.size(), {});
@@ -432,7 +504,7 @@ std::vector<float> TrtEngine::prefill(PrefillInputs const& in, void const* pixel
     }
     check(cudaStreamSynchronize(mStream), "prefill");
     std::vector<float> out(vocab());
-    toFloat(logits.data(), mPrefill->dataType("logits") == nvinfer1::DataType::kHALF, out);
+    toFloat(logits.data(), mPrefill->dataType(mPrefillLogitsName) == nvinfer1::DataType::kHALF, out);
     return out;
 }
 

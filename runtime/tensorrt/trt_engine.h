@@ -3,7 +3,8 @@
 // It deserializes the directory's embed, vision, prefill and decode plans (after loading the iwp plugin
 // library, whose creators register themselves when it is loaded), keeps the KV arena in device memory and
 // binds its buffers straight to the prefill's outputs and to each decode step's past and present caches,
-// so no cache is ever copied. Each decode step (token embedding + decode graph + logits copy) is captured
+// so no cache is ever copied. Every tensor is found by its role in the manifest's io section (no tensor name
+// is spelled here), and each plan is checked against the manifest's record of its graph when it loads. Each decode step (token embedding + decode graph + logits copy) is captured
 // once per arena parity into a CUDA graph and replayed; inputs go through fixed pinned buffers, so the
 // graphs never change. Everything runs on one stream; the only host sync is reading each step's logits.
 #pragma once
@@ -63,6 +64,9 @@ public:
     nvinfer1::DataType dataType(std::string const& name) const;
     void enqueue(cudaStream_t stream);
     nvinfer1::IExecutionContext& context() { return *mContext; }
+    // Throws one line unless the plan's I/O tensors are exactly the manifest's record of `graph` (same names,
+    // each an input or an output as recorded): a plan swapped for another graph is named as such.
+    void matchManifest(GraphIO const& io, std::string const& graph, std::string const& directory) const;
 
 private:
     void require(std::string const& name) const;
@@ -96,6 +100,11 @@ public:
     size_t pixelBytes() const { return mPixelBytes; }
 
 private:
+    struct CacheNames // one layer's cache tensors of one graph, found by role
+    {
+        std::string key, value, valid;
+    };
+    CacheNames cacheNames(char const* graph, bool output, int64_t layer) const;
     void bindDecode(int past);
     void runDecode(int past);
     float const* hostLogits();
@@ -114,6 +123,10 @@ private:
     std::unique_ptr<TrtGraph> mDecode[2];  // one context per arena parity, each bound once
     std::unique_ptr<KvArena> mArena;
     cudaStream_t mStream = nullptr;
+
+    // Tensor names the steps bind again after construction, looked up by role in the manifest's io section.
+    std::vector<CacheNames> mPrefillPresent, mDecodePast, mDecodePresent; // per layer
+    std::string mPrefillLogitsName, mDecodeEmbeddings, mDecodePosition, mDecodeStep, mDecodeLogitsName;
 
     size_t mElement = 4;     // bytes per activation (fp32 or fp16 engine)
     size_t mPixelBytes = 0;

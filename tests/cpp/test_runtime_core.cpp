@@ -1,11 +1,14 @@
-// C++ tests of the runtime core: the KV arena, the samplers, the decode loop, the JSON reader, the engine
-// manifest and the prefill inputs. Built by CMake
+// C++ tests of the runtime core: the KV arena, the samplers, the decode loop, the engine manifest (format 3,
+// its io section, and broken, foreign and wrong-shaped manifests) and the prefill inputs. Built by CMake
 // (runtime/CMakeLists.txt) and run by `make test`; exits non-zero on the first failed check.
 #include "generate.h"
 #include "kv_arena.h"
 #include "manifest.h"
 #include "prompt.h"
 #include "sampler.h"
+
+#include <nlohmann/json.hpp>
+#include <sys/stat.h>
 
 #include <cmath>
 #include <cstdio>
@@ -16,6 +19,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace
@@ -165,6 +169,19 @@ void topPKeepsTheSmallestPrefix()
     CHECK(spread.size() == 3);
 }
 
+void seedsWrapAsPythonWrapsThem()
+{
+    CHECK(iwp::parseSeed("0") == 0 && iwp::parseSeed("42") == 42 && iwp::parseSeed("+7") == 7);
+    CHECK(iwp::parseSeed("-1") == UINT64_MAX && iwp::parseSeed("-0") == 0);
+    CHECK(iwp::parseSeed("18446744073709551621") == 5);                 // 2**64 + 5
+    CHECK(iwp::parseSeed("1180591620717411303424") == 0);               // 2**70
+    CHECK(iwp::parseSeed("-18446744073709551617") == UINT64_MAX);       // -(2**64 + 1)
+    for (char const* bad : {"", "-", "1.5", "1e3", "0x10", " 1", "seven"})
+    {
+        CHECK(throws([&] { iwp::parseSeed(bad); }));
+    }
+}
+
 void samplerRefusesBadParameters()
 {
     CHECK(throws([] { Sampler(-0.1, 1.0, 0); }));
@@ -240,64 +257,285 @@ void decodeLoopStopsAndSwaps()
 }
 
 
-void jsonParsesStandardDocuments()
+// ----------------------------------------------------------------------------------------- the manifest
+
+using nlohmann::json;
+
+json tensor(std::string name, json shape, std::string dtype, std::string role, int64_t layer = -1,
+    int64_t stage = -1)
 {
-    using iwp::Json;
-    Json const doc = Json::parse(R"( {"a": [1, -2.5e2, true, false, null], "s": "x\"\\\/\n\u00e9\ud83d\ude00",
-        "o": {"k": 0}, "e": [], "eo": {}} )");
-    auto const& a = doc["a"].asArray();
-    CHECK(a.size() == 5 && a[0].asInt() == 1 && a[1].asNumber() == -250.0 && a[2].asBool() && !a[3].asBool());
-    CHECK(a[4].isNull() && doc["o"]["k"].asInt() == 0 && doc["e"].asArray().empty() && !doc["eo"].has("k"));
-    CHECK(doc["s"].asString() == "x\"\\/\n\xc3\xa9\xf0\x9f\x98\x80"); // escapes, a 2-byte and a 4-byte code point
-    for (char const* bad : {"", "{", "[1,]", "{\"a\" 1}", "tru", "\"open", "1.", "-", "01x", "{} {}", "\"\\x\"",
-             "\"\\ud800\"", "[\"a\nb\"]"})
+    json t = {{"name", name}, {"shape", shape}, {"dtype", dtype}, {"role", role}};
+    if (layer >= 0)
     {
-        CHECK(throws([&] { Json::parse(bad); }));
+        t["layer"] = layer;
     }
-    CHECK(throws([&] { Json::parse(std::string(1000, '[') + std::string(1000, ']')); })); // too deep, no crash
-    CHECK(throws([&] { doc["missing"]; }));
-    CHECK(throws([&] { doc["a"].asString(); }));
-    CHECK(Json::parse("-250.0").asInt() == -250 && throws([] { Json::parse("2.5").asInt(); }));
+    if (stage >= 0)
+    {
+        t["stage"] = stage;
+    }
+    return t;
+}
+
+// A format-3 manifest of a 3-layer fp16 engine with one selection stage. The tensor names are not the
+// exporter's, on purpose: the reader and find() go by role and never by name.
+json fixture()
+{
+    json prefillOut = json::array({tensor("out_logits", {1, 50}, "float16", "logits"),
+        tensor("sel0", {1, 2}, "int64", "kept", -1, 0)});
+    json decodeIn = json::array({tensor("step_embeds", {1, 1, 32}, "float16", "embeddings"),
+        tensor("pos", json::array(), "int64", "position"), tensor("t", json::array(), "int64", "step")});
+    json decodeOut = json::array({tensor("step_logits", {1, 50}, "float16", "logits")});
+    int64_t const capacity[] = {15, 13, 13};
+    for (int64_t l = 0; l < 3; ++l)
+    {
+        std::string const n = std::to_string(l);
+        for (json* list : {&prefillOut, &decodeIn, &decodeOut})
+        {
+            std::string const tag = list == &prefillOut ? "pf" : list == &decodeIn ? "in" : "out";
+            list->push_back(tensor(tag + n + "k", {1, 2, capacity[l], 8}, "float16", "key", l));
+            list->push_back(tensor(tag + n + "v", {1, 2, capacity[l], 8}, "float16", "value", l));
+            list->push_back(tensor(tag + n + "m", {1, capacity[l]}, "bool", "valid", l));
+        }
+    }
+    return {{"format", 3}, {"dtype", "fp16"},
+        {"model",
+            {{"name", "m"}, {"n_layers", 3}, {"n_kv_heads", 2}, {"head_dim", 8}, {"hidden_size", 32},
+                {"vocab_size", 50}, {"n_visual", 4}}},
+        {"method", {{"name", "iwp"}, {"stages", {{1, 2}}}}},
+        {"shapes", {{"max_prompt", 10}, {"max_new_tokens", 5}, {"prefill_len", {10, 8, 8}}, {"cache_len", {15, 13, 13}}}},
+        {"tokens", {{"image", 7}, {"eos", 3}, {"pad", 0}}},
+        {"io",
+            {{"embed",
+                 {{"inputs", {tensor("ids", {1, "tokens"}, "int64", "token_ids")}},
+                     {"outputs", {tensor("emb", {1, "tokens", 32}, "float16", "embeddings")}}}},
+                {"vision",
+                    {{"inputs", {tensor("px", {1, 4, 3, 8, 8}, "float16", "pixels")}},
+                        {"outputs", {tensor("feat", {1, 4, 32}, "float16", "features")}}}},
+                {"prefill",
+                    {{"inputs",
+                         {tensor("e", {1, 10, 32}, "float16", "embeddings"),
+                             tensor("am", {1, 10}, "int64", "attention_mask"),
+                             tensor("p", {1, 10}, "int64", "positions"), tensor("vs", {1}, "int64", "visual_start"),
+                             tensor("qi", {1, 6}, "int64", "query_idx"), tensor("qm", {1, 6}, "bool", "query_mask"),
+                             tensor("li", {1}, "int64", "last_idx")}},
+                        {"outputs", prefillOut}}},
+                {"decode", {{"inputs", decodeIn}, {"outputs", decodeOut}}}}}};
 }
 
 std::string writeManifest(std::string const& body)
 {
     char directory[] = "/tmp/iwp_manifest_XXXXXX";
     CHECK(mkdtemp(directory) != nullptr);
-    std::ofstream(std::string(directory) + "/manifest.json") << body;
+    std::ofstream(std::string(directory) + "/manifest.json", std::ios::binary) << body;
     return directory;
 }
 
-std::string const kManifest = R"({"format": 2, "dtype": "fp16",
-  "model": {"name": "m", "n_layers": 3, "n_kv_heads": 2, "head_dim": 8, "hidden_size": 32, "vocab_size": 50,
-            "n_visual": 4},
-  "method": {"name": "iwp", "stages": [[1, 2]]},
-  "shapes": {"max_prompt": 10, "max_new_tokens": 5, "prefill_len": [10, 8, 8], "cache_len": [15, 13, 13]},
-  "tokens": {"image": 7, "eos": 3, "pad": 0}})";
+std::string const kManifest = fixture().dump(1);
 
-void manifestGivesTheArenaLayout()
+// The reader's refusal of `body`: one line naming the engine and saying to rebuild it (empty if it reads).
+std::string refusal(std::string const& body)
+{
+    std::string const directory = "/engines/e";
+    try
+    {
+        iwp::parseManifest(body, directory);
+    }
+    catch (std::runtime_error const& error)
+    {
+        std::string const what = error.what();
+        std::string const tail = "; rebuild it with `make engine`";
+        CHECK(what.rfind("engine " + directory + ": ", 0) == 0);
+        CHECK(what.size() > tail.size() && what.compare(what.size() - tail.size(), tail.size(), tail) == 0);
+        CHECK(what.find('\n') == std::string::npos && what.find("json.exception") == std::string::npos);
+        for (unsigned char c : what)
+        {
+            CHECK(c >= 0x20 && c < 0x7F); // printable ASCII whatever bytes the file held
+        }
+        return what;
+    }
+    catch (...)
+    {
+        CHECK(false); // anything but std::runtime_error is a defect
+    }
+    return "";
+}
+
+bool mentions(std::string const& text, std::string const& part)
+{
+    return text.find(part) != std::string::npos;
+}
+
+void manifestGivesTheArenaLayoutAndTheIo()
 {
     iwp::EngineManifest const m = iwp::readManifest(writeManifest(kManifest));
     CHECK(m.nLayers == 3 && m.nVisual == 4 && m.maxPrompt == 10 && m.stages == 1 && m.eosToken == 3);
+    CHECK(m.model == "m" && m.method == "iwp" && m.hiddenSize == 32 && m.vocabSize == 50 && m.maxNewTokens == 5);
     KvLayout const layout = m.kvLayout();
     CHECK((layout.capacities == std::vector<int64_t>{15, 13, 13}) && layout.elementBytes == 2 && layout.kvHeads == 2);
-    std::string const other = kManifest;
-    CHECK(throws([&] { iwp::readManifest("/nonexistent/engine"); }));
-    CHECK(throws([&] { iwp::readManifest(writeManifest("{not json")); }));
-    CHECK(throws([&] { iwp::readManifest(writeManifest(std::string(other).replace(11, 1, "1"))); })); // format 1
-    std::string wrongLayers = other;
-    wrongLayers.replace(wrongLayers.find("[15, 13, 13]"), 12, "[15, 13]");
-    CHECK(throws([&] { iwp::readManifest(writeManifest(wrongLayers)); }));
+    CHECK(m.io.size() == 4 && m.io.at("prefill").inputs.size() == 7 && m.io.at("prefill").outputs.size() == 11);
+    CHECK(m.io.at("decode").inputs[1].role == "position" && m.io.at("decode").inputs[1].shape.empty()); // order kept
+    iwp::TensorSpec const& ids = m.find("embed", false, iwp::role::kTokenIds);
+    CHECK(ids.name == "ids" && ids.dtype == "int64" && ids.shape.size() == 2 && ids.shape[0].isStatic()
+        && ids.shape[0].size == 1 && !ids.shape[1].isStatic() && ids.shape[1].symbol == "tokens");
+    CHECK(m.find("decode", false, iwp::role::kKey, 2).name == "in2k");
+    CHECK(m.find("decode", true, iwp::role::kValid, 0).name == "out0m");
+    CHECK(m.find("prefill", true, iwp::role::kKept, -1, 0).name == "sel0");
+    CHECK(m.find("prefill", true, iwp::role::kKey, 1).shape[2].size == 13);
+    // absent: one line naming the graph, the role and the side
+    for (auto const& [graph, output, r, layer, stage, said] :
+        {std::tuple<char const*, bool, char const*, int64_t, int64_t, char const*>{
+             "decode", true, "key", 3, -1, "decode has no key output for layer 3"},
+            {"prefill", true, "kept", -1, 1, "prefill has no kept output for stage 1"},
+            {"prefill", false, "logits", -1, -1, "prefill has no logits input"},
+            {"decode", false, "key", -1, -1, "decode has no key input"}, {"nope", true, "logits", -1, -1, "nope has no"}})
+    {
+        try
+        {
+            m.find(graph, output, r, layer, stage);
+            CHECK(false);
+        }
+        catch (std::runtime_error const& e)
+        {
+            std::string const what = e.what();
+            CHECK(mentions(what, said) && mentions(what, "rebuild it with `make engine`") && !mentions(what, "\n"));
+        }
+    }
+    // the role table is the schema's, in its graph order
+    CHECK(iwp::roleTable().size() == 4 && iwp::roleTable()[2].graph == "prefill"
+        && iwp::roleTable()[3].inputs.size() == 6);
+}
+
+void manifestRefusesBrokenAndForeignFiles()
+{
+    CHECK(throws([] { iwp::readManifest("/nonexistent/engine"); }));
+    char directory[] = "/tmp/iwp_manifest_XXXXXX";
+    CHECK(mkdtemp(directory) != nullptr);
+    CHECK(mkdir((std::string(directory) + "/manifest.json").c_str(), 0755) == 0); // a directory, not a file
     try
     {
-        iwp::readManifest(writeManifest("{\"format\": 2}"));
+        iwp::readManifest(directory);
         CHECK(false);
     }
     catch (std::runtime_error const& e)
     {
-        std::string const what = e.what();
-        CHECK(what.find("missing key \"model\"") != std::string::npos && what.find("make engine") != std::string::npos);
+        CHECK(mentions(e.what(), "no readable manifest.json") && mentions(e.what(), "make engine"));
     }
+    CHECK(mentions(refusal(""), "not JSON (at line 1, column 1)"));
+    CHECK(mentions(refusal("{\n  \"format\": 3,\n  x"), "not JSON (at line 3, column 3)"));
+    CHECK(mentions(refusal("{\"format\": 3, \"dtype\": \"\xff\xfe\"}"), "not JSON"));        // not UTF-8
+    CHECK(mentions(refusal(kManifest + " {}"), "not JSON"));                                  // trailing value
+    CHECK(mentions(refusal(std::string(100000, '[') + std::string(100000, ']')), "is an array, not an object"));
+    CHECK(mentions(refusal("[1, 2]"), "manifest.json is an array, not an object"));
+    CHECK(mentions(refusal("3"), "manifest.json is an integer, not an object"));
+    CHECK(mentions(refusal("\"x\""), "is a string, not an object"));
+    CHECK(mentions(refusal("null"), "is null, not an object"));
+    CHECK(mentions(refusal("{}"), "field format is missing"));
+    CHECK(mentions(refusal(R"({"format": "3"})"), "field format is a string, not an integer"));
+    CHECK(mentions(refusal(R"({"format": 3.0})"), "field format is a number, not an integer"));
+    CHECK(mentions(refusal(R"({"format": 3, "files": {}})"), "field model is missing"));
+    for (int old : {1, 2, 4})
+    {
+        json doc = fixture();
+        doc["format"] = old;
+        CHECK(mentions(refusal(doc.dump()), "manifest format " + std::to_string(old) + " is not this runtime's format 3"));
+    }
+    CHECK(mentions(refusal(R"({"format": 2, "files": {}})"), "manifest format 2"));
+    CHECK(mentions(refusal(R"({"format": 18446744073709551615})"), "not an integer >= "));    // past int64
+}
+
+// Every member of every object in the fixture is required (the reader uses all of them): removing each in
+// turn, or giving it a value of another JSON type, is refused with one line that names the field.
+void manifestRefusesEveryMissingFieldAndWrongType()
+{
+    json const good = fixture();
+    json const flat = good.flatten(); // leaves only; their parents are walked below
+    std::set<std::string> pointers;
+    for (auto const& [pointer, value] : flat.items())
+    {
+        (void)value;
+        for (size_t cut = pointer.size(); cut != std::string::npos && cut > 0; cut = pointer.rfind('/', cut - 1))
+        {
+            pointers.insert(pointer.substr(0, cut));
+        }
+    }
+    json const others[] = {nullptr, true, 1.5, 7, "s", json::array(), json::object()};
+    int removed = 0, retyped = 0;
+    for (std::string const& pointer : pointers)
+    {
+        json::json_pointer const at(pointer);
+        json::json_pointer const parent = at.parent_pointer();
+        std::string const field = pointer.substr(1); // e.g. io/prefill/outputs/3/layer
+        // the message spells the path with dots and [i]: check the last named member it mentions
+        std::string const last = at.back();
+        bool const inArray = good.at(parent).is_array();
+        if (!inArray)
+        {
+            json doc = good;
+            doc.at(parent).erase(last);
+            std::string const what = refusal(doc.dump());
+            CHECK(!what.empty() && mentions(what, last + " is missing"));
+            ++removed;
+        }
+        json const& original = good.at(at);
+        bool const isDim = pointer.find("/shape/") != std::string::npos;
+        for (json const& other : others)
+        {
+            bool const sameKind = other.type() == original.type()
+                || (other.is_number_integer() && original.is_number_integer());
+            bool const alsoADim = isDim && (other.is_string() || other.is_number_integer());
+            if (sameKind || alsoADim)
+            {
+                continue;
+            }
+            json doc = good;
+            doc.at(at) = other;
+            std::string const what = refusal(doc.dump());
+            if (what.empty())
+            {
+                std::fprintf(stderr, "read with %s = %s\n", pointer.c_str(), other.dump().c_str());
+            }
+            CHECK(!what.empty() && mentions(what, "manifest.json field "));
+            ++retyped;
+        }
+    }
+    CHECK(removed > 100 && retyped > 800); // the walk covered the whole document
+}
+
+// Values of the right type that are still wrong: each refused with one line naming the field and the value.
+void manifestRefusesBadValues()
+{
+    auto with = [](std::string const& pointer, json value) {
+        json doc = fixture();
+        doc[json::json_pointer(pointer)] = std::move(value);
+        return refusal(doc.dump());
+    };
+    CHECK(mentions(with("/dtype", "fp8"), "field dtype is \"fp8\", not one of fp32, fp16"));
+    CHECK(mentions(with("/model/n_layers", 0), "field model.n_layers is 0, not an integer >= 1"));
+    CHECK(mentions(with("/model/n_layers", 2), "field shapes.prefill_len has 3 layers, not model.n_layers = 2"));
+    CHECK(mentions(with("/model/n_visual", 10), "field model.n_visual is 10, not an integer in [1, 9]"));
+    CHECK(mentions(with("/shapes/cache_len/1", 7), "fewer slots than shapes.prefill_len at layer 1"));
+    CHECK(mentions(with("/shapes/prefill_len/0", -1), "field shapes.prefill_len[0] is -1"));
+    CHECK(mentions(with("/tokens/eos", 1LL << 40), "field tokens.eos is 1099511627776, not an integer in [0, "));
+    CHECK(mentions(with("/method/stages/0", {1, 2, 3}), "method.stages[0] has 3 numbers, not [layer, tokens]"));
+    CHECK(mentions(with("/method/stages", json::array()), "io.prefill.outputs[1].role is kept, but method.stages"));
+    CHECK(mentions(with("/io/vision/inputs/0/dtype", "float64"), "io.vision.inputs[0].dtype is \"float64\", not one of"));
+    CHECK(mentions(with("/io/vision/inputs/0/role", "features"), "io.vision.inputs[0].role is \"features\", not one"));
+    CHECK(mentions(with("/io/embed/inputs/0/name", ""), "io.embed.inputs[0].name is empty"));
+    CHECK(mentions(with("/io/embed/inputs/0/shape/1", ""), "io.embed.inputs[0].shape[1] is an empty dimension"));
+    CHECK(mentions(with("/io/embed/inputs/0/shape/0", -2), "io.embed.inputs[0].shape[0] is -2, not an integer >= 0"));
+    CHECK(mentions(with("/io/decode/inputs/3/layer", 3), "io.decode.inputs[3].layer is 3, not an integer in [0, 2]"));
+    CHECK(mentions(with("/io/decode/inputs/6/layer", 0), "io.decode.inputs[6].role repeats role key (layer 0"));
+    CHECK(mentions(with("/io/decode/inputs/2/name", "pos"), "io.decode.inputs[2].name repeats the name \"pos\""));
+    CHECK(mentions(with("/io/prefill/outputs/1/stage", 1), "io.prefill.outputs[1].stage is 1, not an integer in [0, 0]"));
+    CHECK(mentions(with("/io/prefill/outputs/0/layer", 0), "io.prefill.outputs[0].layer is set, but role logits"));
+    CHECK(mentions(with("/io/prefill/outputs/0/stage", 0), "io.prefill.outputs[0].stage is set, but role logits"));
+    json doc = fixture();
+    doc["io"]["embed"]["inputs"][0]["name"] = "\x01\n\xc3\xa9"; // names are opaque: any string reads back
+    CHECK(iwp::parseManifest(doc.dump(), "E").find("embed", false, "token_ids").name == "\x01\n\xc3\xa9");
+    doc = fixture();
+    doc["io"]["embed"]["inputs"][0]["layer"] = nullptr;   // null stands for absent, as Python's None
+    doc["extra"] = {{"future", 1}};                        // unknown members are ignored
+    CHECK(iwp::readManifest(writeManifest(doc.dump())).find("embed", false, "token_ids").name == "ids");
 }
 
 void prefillInputsArePaddedOnTheLeft()
@@ -327,9 +565,12 @@ int main()
     samplingIsSeededAndFollowsTheDistribution();
     topPKeepsTheSmallestPrefix();
     samplerRefusesBadParameters();
+    seedsWrapAsPythonWrapsThem();
     decodeLoopStopsAndSwaps();
-    jsonParsesStandardDocuments();
-    manifestGivesTheArenaLayout();
+    manifestGivesTheArenaLayoutAndTheIo();
+    manifestRefusesBrokenAndForeignFiles();
+    manifestRefusesEveryMissingFieldAndWrongType();
+    manifestRefusesBadValues();
     prefillInputsArePaddedOnTheLeft();
     std::printf("runtime core: %d checks passed\n", gChecks);
     return 0;
