@@ -20,10 +20,40 @@ import onnx
 import torch
 
 from iwp.inputs import Batch
-from iwp.model import PrunedLlavaOnevision
+from iwp.model import PrunedLlavaOnevision, inline, through_op
 
-PREFILL_INPUTS = ("inputs_embeds", "attention_mask", "positions", "visual_start", "query_idx", "query_mask",
-                  "last_idx")
+# Every tensor name of an engine is spelled here and nowhere else: the exporter records each with its role in
+# manifest.json's io section (iwp/engine_format.py ROLES), and runtimes find tensors by role.
+# A named tensor: (name, role, layer, stage); layer for the caches, stage for kept.
+_PREFILL_INPUTS = (("inputs_embeds", "embeddings"), ("attention_mask", "attention_mask"), ("positions", "positions"),
+                   ("visual_start", "visual_start"), ("query_idx", "query_idx"), ("query_mask", "query_mask"),
+                   ("last_idx", "last_idx"))
+PREFILL_INPUTS = tuple(name for name, _ in _PREFILL_INPUTS)
+
+
+def _caches(kind: str, n_layers: int) -> list[tuple]:
+    return [(f"{kind}.{layer}.{part}", part, layer, None) for layer in range(n_layers) for part in ("key", "value", "valid")]
+
+
+def graph_tensors(graph: str, n_layers: int, n_stages: int) -> tuple[list[tuple], list[tuple]]:
+    """(inputs, outputs) of a graph as (name, role, layer, stage), in the graph's own order."""
+    if graph == "embed":
+        return [("input_ids", "token_ids", None, None)], [("inputs_embeds", "embeddings", None, None)]
+    if graph == "vision":
+        return [("pixel_values", "pixels", None, None)], [("image_features", "features", None, None)]
+    if graph == "prefill":
+        return ([(name, role, None, None) for name, role in _PREFILL_INPUTS],
+                [("logits", "logits", None, None)] + [(f"kept.{s}", "kept", None, s) for s in range(n_stages)]
+                + _caches("present", n_layers))
+    if graph == "decode":
+        return ([("inputs_embeds", "embeddings", None, None), ("position", "position", None, None),
+                 ("step", "step", None, None)] + _caches("past", n_layers),
+                [("logits", "logits", None, None)] + _caches("present", n_layers))
+    raise ValueError(f"no graph {graph!r}")
+
+
+def names(tensors) -> list[str]:
+    return [t[0] for t in tensors]
 
 
 class VisionGraph(torch.nn.Module):
@@ -57,18 +87,22 @@ class PrefillGraph(torch.nn.Module):
         self.max_new_tokens, self.native = max_new_tokens, native
         self.register_buffer("visual_xy", template.visual_xy.clone())   # fixed by the crop grid
 
+    def input_names(self) -> list[str]:
+        return names(graph_tensors("prefill", self.model.n_layers, self.n_stages)[0])
+
     def output_names(self) -> list[str]:
-        names = ["logits"] + [f"kept.{s}" for s in range(len(self.plan.stages) if self.method else 0)]
-        for layer in range(self.model.n_layers):
-            names += [f"present.{layer}.key", f"present.{layer}.value", f"present.{layer}.valid"]
-        return names
+        return names(graph_tensors("prefill", self.model.n_layers, self.n_stages)[1])
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.plan.stages) if self.method else 0
 
     def forward(self, inputs_embeds, attention_mask, positions, visual_start, query_idx, query_mask, last_idx):
         batch = dataclasses.replace(self.template, attention_mask=attention_mask, positions=positions,
                                     visual_start=visual_start, query_idx=query_idx, query_mask=query_mask,
                                     last_idx=last_idx, visual_xy=self.visual_xy)
         pre = self.model.prefill(inputs_embeds, batch, self.method, self.plan, self.max_new_tokens,
-                                 last_logits_only=True, native_select=self.native)
+                                 last_logits_only=True, select=inline if self.native else through_op)
         outputs = [pre.logits, *pre.kept]
         for key, value, valid in zip(pre.cache.keys, pre.cache.values, pre.cache.valid):
             outputs += [key, value, valid]
@@ -85,16 +119,10 @@ class DecodeGraph(torch.nn.Module):
         self.model, self.prefill_len = model, list(prefill_len)
 
     def input_names(self) -> list[str]:
-        names = ["inputs_embeds", "position", "step"]
-        for layer in range(self.model.n_layers):
-            names += [f"past.{layer}.key", f"past.{layer}.value", f"past.{layer}.valid"]
-        return names
+        return names(graph_tensors("decode", self.model.n_layers, 0)[0])
 
     def output_names(self) -> list[str]:
-        names = ["logits"]
-        for layer in range(self.model.n_layers):
-            names += [f"present.{layer}.key", f"present.{layer}.value", f"present.{layer}.valid"]
-        return names
+        return names(graph_tensors("decode", self.model.n_layers, 0)[1])
 
     def forward(self, inputs_embeds, position, step, *past):
         keys, values, valid = list(past[0::3]), list(past[1::3]), list(past[2::3])

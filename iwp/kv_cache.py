@@ -47,6 +47,3 @@ def write_slot(keys: Tensor, values: Tensor, valid: Tensor, slot: Tensor, k: Ten
     hit = torch.arange(keys.shape[2], device=keys.device) == slot                   # [S]
     return (torch.where(hit[None, None, :, None], k, keys), torch.where(hit[None, None, :, None], v, values),
             valid | hit[None])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -20,8 +20,14 @@ from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 from .inputs import Batch
 from .kv_cache import KVCache, write_slot
 from iwp.plugins.visual_token_select import LayerView, Plan
-from iwp.plugins.visual_token_select.torch_op import select
+from iwp.plugins.visual_token_select.torch_op import select as through_op
 from iwp.plugins.visual_token_select.transprune import transition_variation
+
+
+
+def inline(method, view: LayerView, keep: int) -> Tensor:
+    """The reference called directly, so a tracer records its own ops (the native twin) instead of the op."""
+    return method.select(view, keep)
 
 
 @dataclass
@@ -108,8 +114,9 @@ class PrunedLlavaOnevision(torch.nn.Module):
 
     @torch.no_grad()
     def prefill(self, embeds: Tensor, batch: Batch, method=None, plan: Plan | None = None,
-                max_new_tokens: int = 0, last_logits_only: bool = False, native_select: bool = False,
-                selector=None) -> Prefill:
+                max_new_tokens: int = 0, last_logits_only: bool = False, select=through_op) -> Prefill:
+        """`select(method, view, keep)` picks each stage's tokens: `through_op` (default) traces to one
+        iwp::VisualTokenSelect node, `inline` to the reference's own ops (the native twin), or any kernel."""
         b, t, _ = embeds.shape
         n = batch.n_visual
         stages = dict(plan.stages) if method is not None else {}
@@ -132,11 +139,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
                 n_alive = original.shape[1]
                 view = LayerView(h, q, k, q_rot, k_rot, v, key_mask, visual_start, n_alive, query_idx,
                                  batch.query_mask, last_idx, xy, ttv, index, stage_of[index], len(stages))
-                # one iwp op node, or (native) the reference inlined as plain ONNX ops, or a given kernel
-                if selector is not None:
-                    keep = selector(method, view, stages[index])
-                else:
-                    keep = method.select(view, stages[index]) if native_select else select(method, view, stages[index])
+                keep = select(method, view, stages[index])
                 src = compact_index(visual_start, n_alive, keep, h.shape[1])
                 h, q_rot, k_rot, v = _take(h, src), _take(q_rot, src), _take(k_rot, src), _take(v, src)
                 positions, key_mask = _take(positions, src), _take(key_mask, src)

@@ -15,7 +15,7 @@ import torch
 
 from .compare import layer_attention_error
 from iwp.inputs import Batch
-from iwp.model import PrunedLlavaOnevision
+from iwp.model import PrunedLlavaOnevision, inline
 from iwp.plugins.visual_token_select.iwp import IWP, IWPConfig
 from iwp.plugins.visual_token_select.pcmmr import chunk_schedule
 
@@ -48,8 +48,8 @@ def ablate(model: PrunedLlavaOnevision, batch: Batch, budget: int, base: IWPConf
     for name, config in variants(base):
         method = Recording(config)
         plan = method.plan(model.n_layers, batch.n_visual, budget)
-        # native_select calls method.select itself (the op would rebuild the method from its attributes)
-        pre = model.prefill(embeds, batch, method, plan, native_select=True)
+        # inline calls method.select itself (the op would rebuild the method from its attributes)
+        pre = model.prefill(embeds, batch, method, plan, select=inline)
         greedy = model.prefill(embeds, batch, IWP(dataclasses.replace(config, chunk=1, growth=1.0)), plan)
         log_p = torch.log_softmax(pre.logits[:, -1].float(), dim=-1)
         kl = float(torch.nn.functional.kl_div(log_p, log_p_full, log_target=True, reduction="batchmean"))

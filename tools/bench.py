@@ -53,10 +53,11 @@ def _time(run, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def _onnxruntime_timer(pruned, batch, embeds, out: Path, warmup: int, repeats: int):
-    from iwp.export.graphs import PREFILL_INPUTS, PrefillGraph, export_program, save
+    from iwp.export.graphs import PREFILL_INPUTS, PrefillGraph, export_program, graph_tensors, save
     from iwp.runtime.ort_ops import session
-    from iwp.runtime.pipeline import _prefill_feeds
-    feeds = _prefill_feeds(batch, embeds.numpy())
+    from iwp.runtime.prompt import prefill_arrays
+    arrays = prefill_arrays(batch, embeds.numpy())   # by role; the graph's inputs do not depend on the method
+    feeds = {name: arrays[role] for name, role, _, _ in graph_tensors("prefill", pruned.n_layers, 0)[0]}
 
     def measure(method, plan) -> tuple[list[float], list[float]]:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -94,7 +95,7 @@ def _torch_timer(pruned, batch, embeds, device: torch.device, warmup: int, repea
     def measure(method, plan) -> tuple[list[float], list[float]]:
         def prefill(select=selector):
             with torch.no_grad():
-                pruned.prefill(embeds, batch, method, plan, last_logits_only=True, selector=select)
+                pruned.prefill(embeds, batch, method, plan, last_logits_only=True, select=select)
         spent = [0.0]
 
         def timed_select(m, view, keep):
