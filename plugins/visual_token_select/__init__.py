@@ -7,11 +7,10 @@ The PyTorch code in this folder is the reference: every other implementation is 
 """
 from __future__ import annotations
 
-import dataclasses
-
 from .baselines import DART, DivPrune, FastV, Random
 from .btp import BTP
 from .iwp import IWP
+from .options import checked_options
 from .stages import Plan
 from .transprune import TransPrune
 from .view import LayerView
@@ -20,15 +19,12 @@ METHODS = {m.name: m for m in (IWP, BTP, TransPrune, FastV, DART, DivPrune, Rand
 
 
 def make_method(name: str, **options):
-    """Build a method by exact name; options override its config's defaults (unknown ones are an error)."""
+    """Build a method by exact name; options override its config's defaults. An unknown option, a value of the
+    wrong kind (`layer=1.5`, `layer=true`, `lam="abc"`) or one out of range is a one-line ValueError."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)} (or 'none')")
     cls = METHODS[name]
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(f"method {name!r} has no option(s) {unknown}; its options are {sorted(fields)}")
-    return cls(cls.Config(**options))
+    return cls(cls.Config(**checked_options(name, cls.Config, options)))
 
 
 __all__ = ["METHODS", "make_method", "LayerView", "Plan"]
