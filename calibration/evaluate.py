@@ -57,7 +57,11 @@ def jsonl_items(path, prompt_suffix: str = "") -> list[Item]:
     if not path.is_file():
         raise FileNotFoundError(f"VQA file {path} does not exist; pass a JSONL file with one question per line")
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{number} is not UTF-8 (byte {err.start}); save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -67,8 +71,11 @@ def jsonl_items(path, prompt_suffix: str = "") -> list[Item]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{number} is not a VQA line ({type(err).__name__}: {err}); each line needs "
                              f'"image", "question" and "answer" or "answers"') from None
-        if isinstance(answers, str) or not answers:
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, (str, int, float)) for a in answers):
             raise ValueError(f'{path}:{number}: "answers" must be a non-empty list of strings')
+        for field, value in (("image", image), ("question", question)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f'{path}:{number}: "{field}" must be a non-empty string, got {json.dumps(value)}')
         image_path = Path(image) if Path(image).is_absolute() else path.parent / image
         suffix = f"\n{prompt_suffix}" if prompt_suffix else ""
         items.append(Item(image_path, question + suffix, tuple(str(a) for a in answers), str(row.get("type", "all"))))

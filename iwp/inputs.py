@@ -5,6 +5,7 @@ Batches are left-padded; each prompt holds exactly one image, whose N visual tok
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def load_image(image) -> Image.Image:
     """An RGB image from a path or a PIL image. Grayscale, RGBA, palette and 16-bit inputs are converted."""
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise ValueError(f"image {path} is a directory; pass a path to a PNG or JPEG file")
         if not path.is_file():
             raise ValueError(f"image {path} does not exist; pass a path to a PNG or JPEG file")
         if path.stat().st_size == 0:
@@ -43,6 +46,9 @@ def load_image(image) -> Image.Image:
             with Image.open(path) as im:
                 im.load()
                 image = im.copy()
+        except Image.DecompressionBombError:
+            raise ValueError(f"image {path} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS}); "
+                             f"downscale it first (every image is resized to the engine's grid anyway)") from None
         except (UnidentifiedImageError, OSError) as err:
             raise ValueError(f"image {path} cannot be read ({err}); pass a valid PNG or JPEG file") from None
     if not isinstance(image, Image.Image):
@@ -55,6 +61,17 @@ def load_image(image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))  # transparent areas become white
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def check_prompt(prompt) -> str:
+    """A prompt is text: a str that encodes as UTF-8 (bytes that do not decode arrive as lone surrogates)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"prompt {prompt!r} is not valid UTF-8 text; pass the prompt in UTF-8") from None
+    return prompt
 
 
 def chat_text(processor, prompt: str, system: str | None = None) -> str:
@@ -77,14 +94,30 @@ def visual_grid_xy(loaded: Loaded) -> Tensor:
 
 def make_batch(loaded: Loaded, images, prompts, system: str | list[str | None] | None = None) -> Batch:
     """One image per prompt; `system` is one system prompt for all, or one per prompt."""
+    batch = encode(loaded.processor, images, prompts, loaded.resolution, loaded.n_visual, system,
+                   expected=f"the {loaded.spec.grid_name} grid gives",
+                   fix="the processor and the model disagree, rebuild with a matching grid")
+    return dataclasses.replace(batch, visual_xy=visual_grid_xy(loaded))
+
+
+def encode(processor, images, prompts, resolution: tuple[int, int], n_visual: int,
+           system: str | list[str | None] | None = None, expected: str = "the model expects",
+           fix: str = "the processor and the model disagree") -> Batch:
+    """The processor's batch for images and prompts, with the image tokens' positions derived and checked
+    (one image per prompt, N contiguous image tokens, text after the image); `visual_xy` is left None.
+    `expected` and `fix` word the error when the processor's image-token count is not `n_visual`.
+    make_batch (a loaded model) and the runtime (an engine directory) both build batches here."""
     images = images if isinstance(images, (list, tuple)) else [images]
+    if not isinstance(prompts, (str, list, tuple)):
+        raise TypeError(f"a prompt must be a string (or a list of strings, one per image), got {type(prompts).__name__}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given; pass one image per prompt")
+    for prompt in prompts:
+        check_prompt(prompt)
     systems = system if isinstance(system, (list, tuple)) else [system] * len(prompts)
     if len(systems) != len(prompts):
         raise ValueError(f"got {len(systems)} system prompts for {len(prompts)} prompts; pass one or one per prompt")
-    processor = loaded.processor
     texts = [chat_text(processor, p, s) for p, s in zip(prompts, systems)]
     image_token = processor.image_token
     for text in texts:
@@ -93,16 +126,15 @@ def make_batch(loaded: Loaded, images, prompts, system: str | list[str | None] |
                              f"image per prompt, so remove {image_token} from the prompt text")
     if len(images) != len(texts):
         raise ValueError(f"got {len(images)} image(s) for {len(texts)} prompt(s); pass one image per prompt")
-    height, width = loaded.resolution
+    height, width = resolution
     pil = [load_image(im).resize((width, height), Image.Resampling.BICUBIC) for im in images]
     enc = processor(images=pil, text=texts, return_tensors="pt", padding=True, padding_side="left")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     is_image = ids == processor.image_token_id
-    n = loaded.n_visual
+    n = n_visual
     counts = is_image.sum(dim=1)
     if (counts != n).any():
-        raise ValueError(f"prompt has {counts.tolist()} image tokens but the {loaded.spec.grid_name} grid gives {n}; "
-                         f"the processor and the model disagree, rebuild with a matching grid")
+        raise ValueError(f"prompt has {counts.tolist()} image tokens but {expected} {n}; {fix}")
     start = is_image.int().argmax(dim=1)
     span = torch.arange(n)[None] + start[:, None]
     if not is_image.gather(1, span).all():
@@ -116,7 +148,7 @@ def make_batch(loaded: Loaded, images, prompts, system: str | list[str | None] |
     query_mask = (after[:, None] + torch.arange(q)[None]) < t
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     return Batch(ids, mask, positions, enc["pixel_values"], enc["image_sizes"], start, n,
-                 query_idx, query_mask, torch.full((ids.shape[0],), t - 1), visual_grid_xy(loaded))
+                 query_idx, query_mask, torch.full((ids.shape[0],), t - 1), None)
 
 
 def pad_to_length(batch: Batch, length: int, pad_token_id: int) -> Batch:

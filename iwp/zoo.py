@@ -65,7 +65,31 @@ def get_spec(name: str, grid: str | None = None) -> ModelSpec:
     if spec.bundled and (bundled_dir(name) / METHOD_DEFAULTS).is_file():  # written by `iwp calibrate`
         defaults = json.loads((bundled_dir(name) / METHOD_DEFAULTS).read_text())
         spec = dataclasses.replace(spec, method_defaults={m: _tuples(o) for m, o in defaults.items()})
-    return dataclasses.replace(spec, grid=parse_grid(grid)) if grid else spec
+    if not grid:
+        return spec
+    rows, cols = parse_grid(grid)
+    allowed = valid_grids(name)
+    if f"{rows}x{cols}" not in allowed:
+        raise ValueError(f"grid {grid!r} is not one {name} can run: its processor's pinpoints with R*C <= 9 give "
+                         f"{', '.join(allowed)}")
+    return dataclasses.replace(spec, grid=(rows, cols))
+
+
+def valid_grids(name: str) -> list[str]:
+    """The crop grids RxC a preset can be built for: its processor's pinpoints, at most 9 crops (anyres_max_9)."""
+    spec = PRESETS[name]
+    if spec.bundled:
+        stored = json.loads((bundled_dir(name) / "config.json").read_text()) if (bundled_dir(name) / "config.json").is_file() else None
+    elif spec.hf_id is None:
+        stored = None
+    else:
+        stored = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+    if stored is None:  # built locally (or not trained yet): the local processor's pinpoints
+        size, pinpoints = TINY_IMAGE_SIZE, all_pinpoints(TINY_IMAGE_SIZE)
+    else:
+        size, pinpoints = stored["vision_config"]["image_size"], stored["image_grid_pinpoints"]
+    grids = sorted({(h // size, w // size) for h, w in pinpoints if h % size == 0 and w % size == 0})
+    return [f"{r}x{c}" for r, c in grids if r * c <= 9]
 
 
 def bundled_dir(name: str) -> Path:

@@ -70,8 +70,11 @@ def test_unknown_model_and_grid():
         get_spec("llava-9000")
     with pytest.raises(ValueError, match="RxC"):
         get_spec("tiny-llava-ov", grid="big")
-    with pytest.raises(ValueError, match="not allowed"):
+    with pytest.raises(ValueError, match="4x4' is not one tiny-llava-ov can run.*1x1, 1x2, 1x3, 2x1, 2x2, 2x3, 3x1"):
         get_spec("tiny-llava-ov", grid="4x4")
+    assert get_spec("llava-ov-7b", grid="1x4").grid == (1, 4)   # a pinpoint of the real processor, 4 crops
+    with pytest.raises(ValueError, match="2x5' is not one llava-ov-7b can run"):
+        get_spec("llava-ov-7b", grid="2x5")                   # a pinpoint, but 10 crops: past anyres_max_9
 
 
 def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from .options import method_options, parse_options
 # command-line flag -> EngineSpec field; a flag left out keeps the field's default
 SPEC_FLAGS = {"max_text_tokens": "max_text_tokens", "max_new_tokens": "max_new_tokens", "dtype": "dtype",
               "select": "select", "model_path": "model_path", "random_weights": "random_weights",
-              "grid": "grid", "budget": "budget"}
+              "grid": "grid", "budget": "budget", "trt_workspace_gb": "trt_workspace_gb"}
 
 
 def spec_default(field: str):
@@ -24,9 +24,11 @@ def engine_spec(args):
     """The EngineSpec the arguments ask for; bad methods, options, images and backends fail here, before any work."""
     from iwp.export.engine import EngineSpec
     from iwp.export.tensorrt import resolve_backend
+    from iwp.inputs import check_prompt
     from iwp.zoo import get_spec
 
     spec = get_spec(args.model, args.grid)
+    check_prompt(args.prompt)
     if args.image:
         from iwp.inputs import load_image
         load_image(args.image)  # an unreadable image fails now, not after the export
@@ -34,7 +36,8 @@ def engine_spec(args):
     if args.method != "none":
         from iwp.plugins.visual_token_select import make_method
         make_method(args.method, **options)
-    given = {field: getattr(args, flag) for flag, field in SPEC_FLAGS.items() if getattr(args, flag) not in (None, False)}
+    given = {field: getattr(args, flag) for flag, field in SPEC_FLAGS.items()
+             if getattr(args, flag) is not None and getattr(args, flag) is not False}  # 0.0 == False: keep it
     return EngineSpec(args.model, args.method, options=tuple(sorted(options.items())),
                       backend=resolve_backend(args.backend), **given)
 
@@ -50,23 +53,23 @@ def command(args) -> None:
     directory = build(engine, Path(args.out), progress=lambda line: print(line, flush=True))
     built = time.perf_counter() - start
     pipeline = Pipeline.from_engine(directory)
-    m, method = pipeline.manifest, pipeline.manifest["method"]
-    image = args.image or demo_image(0, tuple(m["model"]["resolution"][::-1]))
+    m, method = pipeline.manifest, pipeline.manifest.method
+    image = args.image or demo_image(0, tuple(m.model.resolution[::-1]))
     start = time.perf_counter()
     tokens, kept = pipeline.generate_ids(image, args.prompt)
     elapsed = time.perf_counter() - start
     size = sum(p.stat().st_size for p in Path(directory).iterdir())
-    n = m["model"]["n_visual"]
+    n = m.model.n_visual
     print(f"engine    {directory} ({size / 1e6:.1f} MB, {built:.1f}s)")
-    print(f"model     {m['model']['name']} ({m['model']['source']}), grid {m['model']['grid']}, N={n} visual tokens, "
-          f"prompt capacity {m['shapes']['max_prompt']} tokens, {m['shapes']['max_new_tokens']} new")
-    print(f"method    {method['name']} {method['config']}")
-    for (layer, keep), indices in zip(method["stages"], kept):
+    print(f"model     {m.model.name} ({m.model.source}), grid {m.model.grid}, N={n} visual tokens, "
+          f"prompt capacity {m.shapes.max_prompt} tokens, {m.shapes.max_new_tokens} new")
+    print(f"method    {method.name} {method.config}")
+    for (layer, keep), indices in zip(method.stages, kept):
         shown = indices[0].tolist()
         print(f"kept      layer {layer}: {keep}/{n} visual tokens: {shown[:16]}{' ...' if len(shown) > 16 else ''}")
-    print(f"tokens    per layer {describe_counts(method['tokens_per_layer'])}")
-    f = m["flops"]
-    print(f"flops     prefill over visual tokens {f['pruned'] / 1e9:.3f} of {f['unpruned'] / 1e9:.3f} GFLOPs "
-          f"({1 - f['ratio']:.1%} saved)")
+    print(f"tokens    per layer {describe_counts(method.tokens_per_layer)}")
+    f = m.flops
+    print(f"flops     prefill over visual tokens {f.pruned / 1e9:.3f} of {f.unpruned / 1e9:.3f} GFLOPs "
+          f"({1 - f.ratio:.1%} saved)")
     answer = pipeline.processor.tokenizer.decode(tokens, skip_special_tokens=True)
     print(f"answer    {answer!r}  ({len(tokens)} tokens in {elapsed:.2f}s, ONNX Runtime)")

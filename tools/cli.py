@@ -55,14 +55,6 @@ def _bench_cuda(args) -> None:
     run(args.repeats)
 
 
-def _compare_trt(args) -> None:
-    from iwp.export.tensorrt import compare, resolve_backend
-    resolve_backend("tensorrt")  # a clear one-line error where TensorRT is missing
-    verdicts = compare(args.engine, args.image, args.prompt, args.atol)
-    if not all(verdicts.values()):
-        raise SystemExit(f"TensorRT and ONNX Runtime disagree on: {', '.join(k for k, v in verdicts.items() if not v)}")
-
-
 def command(module: str, function: str = "command"):
     """A subcommand's body, imported only when that subcommand runs (so `iwp --help` imports no torch)."""
     def run(args) -> None:
@@ -91,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default=None, choices=["plugin", "native"], help=f"(default {spec_default('select')})")
     p.add_argument("--backend", default=spec_default("backend"), choices=["onnxruntime", "tensorrt", "auto"],
                    help="tensorrt also builds a .plan per graph; auto picks it when TensorRT is present")
+    p.add_argument("--trt-workspace-gb", type=float, default=None,
+                   help="cap on the TensorRT builder's tactic workspace, GiB (default: TensorRT's)")
     p.add_argument("--out", default="engines", help="directory that holds engine directories")
     p.set_defaults(func=command("build"))
 
@@ -99,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None)
     p.add_argument("--prompt", default="What is in the image?")
     p.add_argument("--atol", type=float, default=None, help="float tolerance (default 1e-3 fp32, 2e-2 fp16)")
-    p.set_defaults(func=_compare_trt)
+    p.set_defaults(func=command("compare_trt"))
 
     p = sub.add_parser("run", help="generate from an engine directory, streaming tokens")
     p.add_argument("--engine", required=True)
@@ -229,4 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"iwp: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError) as err:  # e.g. --out is a file
+        print(f"iwp: error: {err.filename}: {err.strerror}; pass a directory this user can write", file=sys.stderr)
         sys.exit(2)

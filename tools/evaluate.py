@@ -28,8 +28,8 @@ def command(args) -> None:
     from .engine_agreement import engine_agreement
     from .eval_report import markdown, write
 
-    loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
     items = jsonl_items(args.data, args.prompt_suffix) if args.data else ovqa_items(args.split, args.examples)
+    loaded = load(args.model, grid=args.grid, model_path=args.model_path, random_weights=args.random_weights)
     budgets = (sorted(set(csv_list(args.budgets, int))) if args.budgets
                else budgets_from_fractions(csv_list(args.fractions, float), loaded.n_visual))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
