@@ -5,8 +5,9 @@ from setuptools import setup
 
 setup(
     ext_modules=[Pybind11Extension("iwp.plugins.visual_token_select._cpu",
-                                   ["plugins/visual_token_select/cpu.cpp", "plugins/visual_token_select/plan.cpp"], cxx_std=17,
-                                   extra_compile_args=["-O3"]),
+                                   [f"plugins/visual_token_select/{name}.cpp" for name in
+                                    ("cpu_module", "cpu", "cpu_ops", "plan")], cxx_std=17,
+                                   extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"]),
                  Pybind11Extension("iwp.runtime._core",
                                    ["runtime/core/kv_arena.cpp", "runtime/core/sampler.cpp",
                                     "runtime/core/generate.cpp", "runtime/core/manifest.cpp",

@@ -57,8 +57,54 @@ def test_cpu_kernel_survives_nan(name):
 
 def test_cpu_kernel_rejects_bad_arguments():
     view = synthetic_view(B=1, N=20, seed=2)
-    with pytest.raises(ValueError, match="keep <= N"):
+    with pytest.raises(ValueError, match=r"keep=21 must be in \[1, N=20\]"):
         select(make_method("iwp"), view, 21)
+    with pytest.raises(ValueError, match="head dim 300 is outside"):
+        select(make_method("iwp"), synthetic_view(B=1, N=4, d=300, seed=2), 2)
+
+
+def test_cpu_kernel_reads_attributes_through_the_generated_table():
+    """Options come from the node's attributes via params.h's table: values are checked against their
+    value sets, and another method's neutral options (queries="" on a FastV node) are ignored."""
+    from iwp.plugins.visual_token_select import _cpu, contract
+    view = synthetic_view(B=1, N=12, seed=4)
+    arrays = [a.numpy() for a in (getattr(view, n) for n in contract.INPUTS)]
+    arrays[contract.INPUTS.index("key_mask")] = arrays[contract.INPUTS.index("key_mask")].astype("uint8")
+    arrays[contract.INPUTS.index("query_mask")] = arrays[contract.INPUTS.index("query_mask")].astype("uint8")
+    fastv = contract.complete_attributes(contract.node_attributes(make_method("fastv"), 5, 2, 0, 1))
+    assert fastv["queries"] == ""
+    assert _cpu.select(arrays, fastv).tolist() == make_method("fastv").select(view, 5).tolist()
+    iwp = contract.complete_attributes(contract.node_attributes(make_method("iwp"), 5, 2, 0, 1))
+    with pytest.raises(ValueError, match="attribute queries='first' must be one of instruction, last"):
+        _cpu.select(arrays, {**iwp, "queries": "first"})
+    with pytest.raises(ValueError, match="attribute method='magic' must be one of iwp, fastv"):
+        _cpu.select(arrays, {**iwp, "method": "magic"})
+    with pytest.raises(ValueError, match="lam must be in"):
+        _cpu.select(arrays, {**iwp, "lam": 1.5})
+    with pytest.raises(ValueError, match=r"input k has shape \[1, 2, 17, 15\], expected \[1, 2, 17, 16\]"):
+        _cpu.select([*arrays[:2], arrays[2][..., :-1].copy(), *arrays[3:]], iwp)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_infinite_magnitude_ranks_as_the_largest_float_at_every_lam(lam):
+    """The inf rule (README): an infinite value norm makes the token's IWP magnitude +inf; it ranks as the
+    largest finite float whatever λ (before, λ < 1 ranked it last, as non-finite), in the reference and the
+    kernel alike."""
+    view = synthetic_view(B=1, N=24, Q=3, seed=6)
+    start = int(view.visual_start[0])
+    view.v[0, :, start + 5] = float("inf")
+    method = make_method("iwp", lam=lam)
+    reference = method.select(view, 6)
+    assert 5 in reference[0].tolist()
+    assert select(method, view, 6).tolist() == reference.tolist()
+
+
+def test_pcmmr_ranks_plus_inf_first_and_minus_inf_and_nan_last():
+    from iwp.plugins.visual_token_select.pcmmr import pcmmr
+    mag = torch.tensor([[1.0, float("inf"), float("nan"), 2.0, float("-inf"), 3.0]])
+    never = lambda chosen: torch.zeros(1, 6, chosen.shape[1])   # noqa: E731  no duplication at all
+    for lam in (0.0, 0.5, 1.0):
+        assert pcmmr(mag, never, 4, lam=lam).tolist() == [[0, 1, 3, 5]], lam
 
 
 def test_cpu_kernel_breaks_grid_distance_ties_as_the_reference():

@@ -11,10 +11,11 @@ a build without Python go ahead, and tests/test_op_header.py fails when it is st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
-from . import contract
+from . import METHODS, contract
 
 HEADER = Path(__file__).with_name("params.h")
 
@@ -81,7 +82,8 @@ def render() -> str:
             "struct Attribute", "{", "    char const* name;", "    AttributeType type;",
             "    int64_t defaultInt;", "    double defaultReal;", "    char const* defaultText;",
             "    char const* const* choices; // a closed value set, stored in IwpVtsParams as the position",
-            "    int32_t nbChoices;", "    ParamType param;", "    size_t offset; // in IwpVtsParams", "};", ""]
+            "    int32_t nbChoices;", "    ParamType param;", "    size_t offset; // in IwpVtsParams",
+            "    uint32_t methods; // bit m: method id m reads it (core attributes: every method)", "};", ""]
     for name, values in contract.CHOICES.items():
         out.append(f"inline constexpr char const* k{camel(name)}Choices[] = {{{', '.join(map(_literal, values))}}};")
     out += ["", "// Every scalar attribute a node carries (contract.scalar_attributes()), in order.",
@@ -96,8 +98,11 @@ def render() -> str:
         field, ctype = fields.get(name, (None, None))
         param = (f"ParamType::{_PARAM_TYPES[ctype]}", f"offsetof(IwpVtsParams, {field})") if field \
             else ("ParamType::kNone", "0")
+        users = [i for m, i in contract.METHOD_IDS.items() if name in contract.CORE_ATTRIBUTES
+                 or name in {f.name for f in dataclasses.fields(METHODS[m].Config)}]
+        mask = f"0x{sum(1 << i for i in users):02X}U"
         out.append(f"    {{{_literal(name)}, AttributeType::{_ATTR_TYPES[kind]}, {integer}, {real}, {text}, "
-                   f"{choices[0]}, {choices[1]}, {param[0]}, {param[1]}}},")
+                   f"{choices[0]}, {choices[1]}, {param[0]}, {param[1]}, {mask}}},")
     out += ["};", f"inline constexpr int32_t kNbAttributes = {len(attributes)};", ""]
     out.append(f"inline constexpr char const* kDtypeNames[] = {{{', '.join(map(_literal, contract.DTYPES))}}};")
     out += ["", "struct Input", "{", "    char const* name;", "    uint32_t dtypes; // bit i set: IwpVtsDtype i allowed",
@@ -112,6 +117,11 @@ def render() -> str:
             "    for (int32_t i = 0; text != nullptr && i < attribute.nbChoices; ++i)", "    {",
             "        if (std::strcmp(attribute.choices[i], text) == 0)", "        {", "            return i;",
             "        }", "    }", "    return -1;", "}", "",
+            "// Whether the method with this id reads the attribute (a node carries every attribute; those of other",
+            "// methods hold neutral values and are ignored).",
+            "inline bool usedBy(Attribute const& attribute, int32_t method)", "{",
+            "    return method >= 0 && method < kIwpVtsNumMethods && ((attribute.methods >> method) & 1U) != 0;",
+            "}", "",
             "// The attribute called `name`, or nullptr.",
             "inline Attribute const* findAttribute(char const* name)", "{",
             "    for (Attribute const& attribute : kAttributes)", "    {",

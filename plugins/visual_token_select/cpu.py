@@ -1,11 +1,10 @@
 """The compiled CPU kernel (cpu.cpp) behind the reference's interface: any method on a LayerView."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
+from . import contract
 from .view import LayerView
 
 
@@ -20,11 +19,12 @@ def select(method, view: LayerView, keep: int) -> torch.Tensor:
         return np.ascontiguousarray(t.detach().long().cpu().numpy())
 
     def u8(t: torch.Tensor) -> np.ndarray:
-        return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.uint8))
+        return np.ascontiguousarray((t.detach() != 0).cpu().numpy().astype(np.uint8))
 
     ttv = view.ttv if view.ttv is not None else torch.zeros(view.hidden.shape[0], view.n_visual)
-    out = _cpu.select(method.name, f32(view.hidden), f32(view.q), f32(view.k), f32(view.q_rot), f32(view.k_rot),
-                      f32(view.v), u8(view.key_mask), i64(view.visual_start), i64(view.query_idx),
-                      u8(view.query_mask), i64(view.last_idx), f32(view.visual_xy), f32(ttv), keep, view.stage,
-                      view.n_stages, dataclasses.asdict(method.config))
-    return torch.from_numpy(out)
+    tensors = {**{name: getattr(view, name) for name in contract.INPUTS if name != "ttv"}, "ttv": ttv}
+    convert = {"float32": f32, "int64": i64, "int32": u8}   # activations in fp32; masks as 0/1 bytes
+    arrays = [convert[contract.INPUT_DTYPES[name][0]](tensors[name]) for name in contract.INPUTS]
+    attributes = contract.complete_attributes(contract.node_attributes(method, keep, view.layer, view.stage,
+                                                                       view.n_stages))
+    return torch.from_numpy(_cpu.select(arrays, attributes))

@@ -110,6 +110,7 @@ struct Attribute
     int32_t nbChoices;
     ParamType param;
     size_t offset; // in IwpVtsParams
+    uint32_t methods; // bit m: method id m reads it (core attributes: every method)
 };
 
 inline constexpr char const* kMethodChoices[] = {"iwp", "fastv", "dart", "divprune", "random", "transprune", "btp"};
@@ -119,26 +120,26 @@ inline constexpr char const* kPluginVersionChoices[] = {"1"};
 
 // Every scalar attribute a node carries (contract.scalar_attributes()), in order.
 inline constexpr Attribute kAttributes[] = {
-    {"method", AttributeType::kText, 0, 0.0, "iwp", kMethodChoices, 7, ParamType::kInt32, offsetof(IwpVtsParams, method)},
-    {"keep", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, keep)},
-    {"layer_index", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kNone, 0},
-    {"stage", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, stage)},
-    {"n_stages", AttributeType::kInt, 1, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, nStages)},
-    {"plugin_namespace", AttributeType::kText, 0, 0.0, "iwp", kPluginNamespaceChoices, 1, ParamType::kNone, 0},
-    {"plugin_version", AttributeType::kText, 0, 0.0, "1", kPluginVersionChoices, 1, ParamType::kNone, 0},
-    {"layer", AttributeType::kInt, 2, 0.0, "", nullptr, 0, ParamType::kNone, 0},
-    {"lam", AttributeType::kFloat, 0, 0.3, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, lam)},
-    {"chunk", AttributeType::kInt, 4, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, chunk)},
-    {"growth", AttributeType::kFloat, 0, 1.5, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, growth)},
-    {"queries", AttributeType::kText, 0, 0.0, "instruction", kQueriesChoices, 2, ParamType::kInt32, offsetof(IwpVtsParams, queriesLast)},
-    {"attention_first", AttributeType::kFloat, 0, 0.3, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, attentionFirst)},
-    {"attention_last", AttributeType::kFloat, 0, 0.9, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, attentionLast)},
-    {"seed_fraction", AttributeType::kFloat, 0, 0.1, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, seedFraction)},
-    {"rebalance", AttributeType::kInt, 1, 0.0, "", nullptr, 0, ParamType::kInt32, offsetof(IwpVtsParams, rebalance)},
-    {"alpha", AttributeType::kFloat, 0, 0.5, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, alpha)},
-    {"ttv_start", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kNone, 0},
-    {"pivots", AttributeType::kInt, 8, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, pivots)},
-    {"seed", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, seed)},
+    {"method", AttributeType::kText, 0, 0.0, "iwp", kMethodChoices, 7, ParamType::kInt32, offsetof(IwpVtsParams, method), 0x7FU},
+    {"keep", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, keep), 0x7FU},
+    {"layer_index", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kNone, 0, 0x7FU},
+    {"stage", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, stage), 0x7FU},
+    {"n_stages", AttributeType::kInt, 1, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, nStages), 0x7FU},
+    {"plugin_namespace", AttributeType::kText, 0, 0.0, "iwp", kPluginNamespaceChoices, 1, ParamType::kNone, 0, 0x7FU},
+    {"plugin_version", AttributeType::kText, 0, 0.0, "1", kPluginVersionChoices, 1, ParamType::kNone, 0, 0x7FU},
+    {"layer", AttributeType::kInt, 2, 0.0, "", nullptr, 0, ParamType::kNone, 0, 0x1FU},
+    {"lam", AttributeType::kFloat, 0, 0.3, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, lam), 0x01U},
+    {"chunk", AttributeType::kInt, 4, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, chunk), 0x41U},
+    {"growth", AttributeType::kFloat, 0, 1.5, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, growth), 0x41U},
+    {"queries", AttributeType::kText, 0, 0.0, "instruction", kQueriesChoices, 2, ParamType::kInt32, offsetof(IwpVtsParams, queriesLast), 0x01U},
+    {"attention_first", AttributeType::kFloat, 0, 0.3, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, attentionFirst), 0x40U},
+    {"attention_last", AttributeType::kFloat, 0, 0.9, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, attentionLast), 0x40U},
+    {"seed_fraction", AttributeType::kFloat, 0, 0.1, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, seedFraction), 0x40U},
+    {"rebalance", AttributeType::kInt, 1, 0.0, "", nullptr, 0, ParamType::kInt32, offsetof(IwpVtsParams, rebalance), 0x40U},
+    {"alpha", AttributeType::kFloat, 0, 0.5, "", nullptr, 0, ParamType::kDouble, offsetof(IwpVtsParams, alpha), 0x20U},
+    {"ttv_start", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kNone, 0, 0x20U},
+    {"pivots", AttributeType::kInt, 8, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, pivots), 0x04U},
+    {"seed", AttributeType::kInt, 0, 0.0, "", nullptr, 0, ParamType::kInt64, offsetof(IwpVtsParams, seed), 0x10U},
 };
 inline constexpr int32_t kNbAttributes = 20;
 
@@ -179,6 +180,13 @@ inline int32_t choiceIndex(Attribute const& attribute, char const* text)
         }
     }
     return -1;
+}
+
+// Whether the method with this id reads the attribute (a node carries every attribute; those of other
+// methods hold neutral values and are ignored).
+inline bool usedBy(Attribute const& attribute, int32_t method)
+{
+    return method >= 0 && method < kIwpVtsNumMethods && ((attribute.methods >> method) & 1U) != 0;
 }
 
 // The attribute called `name`, or nullptr.

@@ -8,7 +8,9 @@ the newly chosen columns, so memory is O(N·K) and the N×N matrix is never buil
 Ranking rules (the same in the reference, the CPU kernel and the CUDA kernel):
 - ties go to the lower index;
 - a NaN score ranks below every finite score, so NaN activations never crash a selection and the
-  output is still K unique sorted indices; a NaN similarity counts as 0 (no evidence of duplication).
+  output is still K unique sorted indices; a NaN similarity counts as 0 (no evidence of duplication);
+- an infinite score or magnitude ranks as a finite one: +inf as the largest finite float, -inf with NaN,
+  last, at every λ (so a +inf magnitude normalizes to m̂ = 1 and the greedy still weighs it).
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import torch
 from torch import Tensor
 
 LOWEST = torch.finfo(torch.float32).min
+HIGHEST = torch.finfo(torch.float32).max
 
 
 def rankable(score: Tensor) -> Tensor:
     """NaN (and -inf) scores become the lowest finite float, so they lose to every real score."""
-    return torch.nan_to_num(score.float(), nan=LOWEST, posinf=torch.finfo(torch.float32).max, neginf=LOWEST)
+    return torch.nan_to_num(score.float(), nan=LOWEST, posinf=HIGHEST, neginf=LOWEST)
 
 
 def top_indices(score: Tensor, k: int) -> Tensor:
@@ -71,7 +74,8 @@ def pcmmr(magnitude: Tensor, similarity: Callable[[Tensor], Tensor], k: int, lam
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if lam == 1.0 and seed is None:  # pure magnitude: the schedule cannot change the set
         return top_k_sorted(magnitude, k)
-    finite = torch.isfinite(magnitude)
+    magnitude = magnitude.float().masked_fill(magnitude == float("inf"), HIGHEST)   # +inf: the largest float
+    finite = torch.isfinite(magnitude)                                                # NaN, -inf: ranked last
     mag = normalize_magnitude(magnitude)
 
     def mmr(m: Tensor, max_sim: Tensor | None, ok: Tensor, excluded: Tensor) -> Tensor:

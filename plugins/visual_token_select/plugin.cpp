@@ -150,11 +150,14 @@ bool Attributes::parse(PluginFieldCollection const* fc, Attributes& out, std::st
             return false;
         }
     }
-    // closed value sets (method, queries, plugin version): checked here, when the plugin is created
+    // closed value sets (method, queries, plugin version): checked here, when the plugin is created; the
+    // options of other methods carry neutral values and are not checked
+    int32_t const method = vts::methodId(out.get("method").text.c_str());
     for (Field const& field : out.mFields)
     {
         vts::Attribute const& a = *field.contract;
-        if (a.nbChoices > 0 && vts::choiceIndex(a, field.text.c_str()) < 0)
+        bool const checked = &field == &out.get("method") || vts::usedBy(a, method);
+        if (checked && a.nbChoices > 0 && vts::choiceIndex(a, field.text.c_str()) < 0)
         {
             std::string allowed;
             for (int32_t c = 0; c < a.nbChoices; ++c)
@@ -185,9 +188,14 @@ IwpVtsParams Attributes::params(Dims const* inputs, DataType activations) const
         p.visual = inputs[kIwpVtsVisualXy].d[1];
         p.queries = inputs[kIwpVtsQueryIdx].d[1];
     }
-    for (Field const& field : mFields) // every attribute IwpVtsParams holds, through the generated table
+    int32_t const method = vts::methodId(get("method").text.c_str());
+    for (Field const& field : mFields) // the attributes IwpVtsParams holds, through the generated table
     {
         vts::Attribute const& a = *field.contract;
+        if (&field != &get("method") && !vts::usedBy(a, method))
+        {
+            continue; // another method's option: a neutral value, ignored
+        }
         switch (a.type)
         {
         case vts::AttributeType::kInt: vts::setParam(p, a, field.integer); break;

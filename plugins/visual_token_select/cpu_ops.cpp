@@ -1,0 +1,624 @@
+// The CPU kernel's building blocks (cpu_ops.h).
+#include "cpu_ops.h"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <numeric>
+#include <thread>
+
+namespace iwp
+{
+namespace cpu
+{
+
+std::vector<int64_t> topIndices(std::vector<float> const& score, int64_t k)
+{
+    std::vector<int64_t> idx(score.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+    idx.resize(k);
+    return idx;
+}
+
+std::vector<int64_t> topKSorted(std::vector<float> score, int64_t k)
+{
+    std::transform(score.begin(), score.end(), score.begin(), rankable);
+    auto out = topIndices(score, k);
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+void parallelFor(int64_t n, int64_t grain, std::function<void(int64_t, int64_t)> const& body)
+{
+    static int64_t const workers = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    int64_t const parts = std::min<int64_t>(workers, n / std::max<int64_t>(1, grain));
+    if (parts <= 1)
+    {
+        if (n > 0)
+        {
+            body(0, n);
+        }
+        return;
+    }
+    // a worker's exception is rethrown here, on the caller's thread
+    std::vector<std::exception_ptr> errors(parts);
+    auto run = [&](int64_t w) {
+        try
+        {
+            body(w * n / parts, (w + 1) * n / parts);
+        }
+        catch (...)
+        {
+            errors[w] = std::current_exception();
+        }
+    };
+    std::vector<std::thread> threads;
+    threads.reserve(parts - 1);
+    for (int64_t w = 1; w < parts; ++w)
+    {
+        threads.emplace_back(run, w);
+    }
+    run(0);
+    for (std::thread& t : threads)
+    {
+        t.join();
+    }
+    for (std::exception_ptr const& e : errors)
+    {
+        if (e)
+        {
+            std::rethrow_exception(e);
+        }
+    }
+}
+
+Panels::Panels(int64_t rows, int64_t dim)
+    : mRows(rows)
+    , mDim(dim)
+    , mData(((rows + kLanes - 1) / kLanes) * dim * kLanes, 0.0)
+{
+}
+
+std::vector<double> Panels::row(int64_t r) const
+{
+    std::vector<double> out(mDim);
+    for (int64_t e = 0; e < mDim; ++e)
+    {
+        out[e] = at(r, e);
+    }
+    return out;
+}
+
+// The one hot loop: for four vectors x[r] at once (one load of the panel each step), eight independent sums
+// per vector, each over e in order. GCC and Clang's vector extension spells the eight lanes as two 4-double
+// vectors, lowered to SSE2 (or NEON) pairs by default; on x86-64 GCC also builds an AVX2 clone, picked at load
+// where the CPU has it. No FMA in either: a fused multiply-add would round differently from the pair path.
+#if defined(__GNUC__)
+typedef double Double4 __attribute__((vector_size(32)));
+
+#if defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void panelDot4(double const* panel, double const* const* x, int64_t dim, double* const* out)
+{
+    Double4 lo[4] = {}, hi[4] = {};
+    for (int64_t e = 0; e < dim; ++e)
+    {
+        Double4 p0, p1;
+        std::memcpy(&p0, panel + e * kLanes, sizeof(p0));
+        std::memcpy(&p1, panel + e * kLanes + 4, sizeof(p1));
+        for (int r = 0; r < 4; ++r)
+        {
+            Double4 const xe = {x[r][e], x[r][e], x[r][e], x[r][e]};
+            lo[r] += xe * p0;
+            hi[r] += xe * p1;
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+    {
+        std::memcpy(out[r], &lo[r], sizeof(lo[r]));
+        std::memcpy(out[r] + 4, &hi[r], sizeof(hi[r]));
+    }
+}
+#else
+void panelDot4(double const* panel, double const* const* x, int64_t dim, double* const* out)
+{
+    for (int r = 0; r < 4; ++r)
+    {
+        double acc[kLanes] = {};
+        for (int64_t e = 0; e < dim; ++e)
+        {
+            for (int64_t l = 0; l < kLanes; ++l)
+            {
+                acc[l] += x[r][e] * panel[e * kLanes + l];
+            }
+        }
+        std::copy(acc, acc + kLanes, out[r]);
+    }
+}
+#endif
+
+void panelDots(double const* panel, double const* const* x, int64_t count, int64_t dim, double* const* out)
+{
+    double spare[4][kLanes];
+    for (int64_t r = 0; r < count; r += 4)
+    {
+        double const* xs[4];
+        double* outs[4];
+        for (int64_t j = 0; j < 4; ++j) // a short last group repeats its first vector into spare outputs
+        {
+            xs[j] = r + j < count ? x[r + j] : x[r];
+            outs[j] = r + j < count ? out[r + j] : spare[j];
+        }
+        panelDot4(panel, xs, dim, outs);
+    }
+}
+
+namespace
+{
+
+double dot(float const* x, float const* y, int64_t n)
+{
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i)
+    {
+        s += static_cast<double>(x[i]) * y[i];
+    }
+    return s;
+}
+
+} // namespace
+
+std::vector<float> attentionMean(Heads const& q, Heads const& k, double const* vnorm, uint8_t const* keyMask,
+    int64_t b, int64_t start, int64_t n, std::vector<int64_t> const& queryPos, std::vector<uint8_t> const& queryOk)
+{
+    int64_t const groups = q.heads / k.heads, t = k.tokens, d = q.dim;
+    double const scale = 1.0 / std::sqrt(static_cast<double>(d));
+    std::vector<int64_t> rows; // positions of the valid queries, in order
+    for (size_t r = 0; r < queryPos.size(); ++r)
+    {
+        if (queryOk[r])
+        {
+            rows.push_back(queryPos[r]);
+        }
+    }
+    int64_t const nRows = static_cast<int64_t>(rows.size());
+    std::vector<Panels> keys(k.heads);
+    for (int64_t g = 0; g < k.heads; ++g)
+    {
+        keys[g] = Panels(t, d);
+        for (int64_t j = 0; j < t; ++j)
+        {
+            float const* key = k.at(b, g, j);
+            for (int64_t e = 0; e < d; ++e)
+            {
+                keys[g].at(j, e) = key[e];
+            }
+        }
+    }
+    int64_t const tPad = keys.empty() ? 0 : keys[0].panels() * kLanes;
+    std::vector<double> partial(q.heads * n, 0.0); // per query head, summed over heads in order below
+    int64_t const grain = nRows * t * d >= 50000 ? 1 : q.heads;
+    parallelFor(q.heads, grain, [&](int64_t h0, int64_t h1) {
+        std::vector<double> logits(nRows * tPad), query(nRows * d);
+        std::vector<double const*> xs(nRows);
+        std::vector<double*> outs(nRows);
+        for (int64_t r = 0; r < nRows; ++r)
+        {
+            xs[r] = &query[r * d];
+        }
+        for (int64_t h = h0; h < h1; ++h)
+        {
+            int64_t const g = h / groups;
+            for (int64_t r = 0; r < nRows; ++r)
+            {
+                float const* row = q.at(b, h, rows[r]);
+                std::copy(row, row + d, query.begin() + r * d);
+            }
+            for (int64_t jb = 0; jb < keys[g].panels(); ++jb) // a key panel stays in L1 over every query
+            {
+                for (int64_t r = 0; r < nRows; ++r)
+                {
+                    outs[r] = &logits[r * tPad + jb * kLanes];
+                }
+                panelDots(keys[g].panel(jb), xs.data(), nRows, d, outs.data());
+            }
+            double* out = &partial[h * n];
+            for (int64_t r = 0; r < nRows; ++r)
+            {
+                double* row = &logits[r * tPad];
+                double top = -std::numeric_limits<double>::infinity();
+                bool nan = false;
+                for (int64_t j = 0; j < t; ++j)
+                {
+                    bool const visible = j <= rows[r] && keyMask[b * t + j];
+                    row[j] = visible ? row[j] * scale : -std::numeric_limits<double>::infinity();
+                    nan = nan || std::isnan(row[j]);
+                    top = std::max(top, row[j]);
+                }
+                double total = 0;
+                for (int64_t j = 0; j < t; ++j)
+                {
+                    row[j] = std::exp(row[j] - top); // softmax numerators, reused for the visual tokens
+                    total += row[j];
+                }
+                for (int64_t i = 0; i < n; ++i)
+                {
+                    double const p = row[start + i] / total;
+                    out[i] += nan ? std::nan("") : (vnorm ? p * vnorm[g * n + i] : p);
+                }
+            }
+        }
+    });
+    double const denom = std::max<double>(1.0, static_cast<double>(nRows * q.heads));
+    std::vector<float> mean(n);
+    for (int64_t i = 0; i < n; ++i)
+    {
+        double sum = 0;
+        for (int64_t h = 0; h < q.heads; ++h)
+        {
+            sum += partial[h * n + i];
+        }
+        mean[i] = static_cast<float>(sum / denom);
+    }
+    return mean;
+}
+
+UpdateCosine::UpdateCosine(Heads const& kRot, Heads const& v, int64_t b, int64_t start, int64_t n)
+    : mHeads(kRot.heads)
+    , mN(n)
+    , mDim(kRot.dim)
+    , mA(mHeads)
+    , mVUnit(mHeads)
+    , mLogW(mHeads * n)
+    , mSq(mHeads * n)
+{
+    double const quarter = std::pow(static_cast<double>(mDim), 0.25);
+    std::vector<double> logSelf(mHeads * n);
+    for (int64_t h = 0; h < mHeads; ++h)
+    {
+        Panels& a = mA[h] = Panels(n, mDim);
+        Panels& unit = mVUnit[h] = Panels(n, mDim);
+        std::vector<double> mean(mDim, 0.0);
+        for (int64_t i = 0; i < n; ++i)
+        {
+            float const* key = kRot.at(b, h, start + i);
+            float const* val = v.at(b, h, start + i);
+            double const vnorm = std::max(std::sqrt(dot(val, val, mDim)), kEps);
+            double a2 = 0;
+            for (int64_t e = 0; e < mDim; ++e)
+            {
+                double const x = key[e] / quarter;
+                a2 += x * x;
+                a.at(i, e) = x;
+                unit.at(i, e) = val[e] / vnorm;
+                mean[e] += x / n;
+            }
+            logSelf[h * n + i] = a2 + 2 * std::log(vnorm);
+        }
+        for (int64_t i = 0; i < n; ++i) // centred keys: distances unchanged, cancellation removed
+        {
+            double sq = 0;
+            for (int64_t e = 0; e < mDim; ++e)
+            {
+                double& x = a.at(i, e);
+                x -= mean[e];
+                sq += x * x;
+            }
+            mSq[h * n + i] = sq;
+        }
+    }
+    for (int64_t i = 0; i < n; ++i) // log w = ½ log_softmax over heads
+    {
+        double top = -std::numeric_limits<double>::infinity();
+        for (int64_t h = 0; h < mHeads; ++h)
+        {
+            top = std::max(top, logSelf[h * n + i]);
+        }
+        double total = 0;
+        for (int64_t h = 0; h < mHeads; ++h)
+        {
+            total += std::exp(logSelf[h * n + i] - top);
+        }
+        for (int64_t h = 0; h < mHeads; ++h)
+        {
+            mLogW[h * n + i] = 0.5 * (logSelf[h * n + i] - top - std::log(total));
+        }
+    }
+}
+
+double UpdateCosine::term(int64_t h, int64_t i, int64_t c, double cross, double vcos) const
+{
+    double const dist2 = i == c ? 0.0 : std::max(0.0, mSq[h * mN + i] + mSq[h * mN + c] - 2 * cross);
+    return vcos * std::exp(-0.5 * dist2 + mLogW[h * mN + i] + mLogW[h * mN + c]);
+}
+
+float UpdateCosine::operator()(int64_t i, int64_t c) const
+{
+    double s = 0;
+    for (int64_t h = 0; h < mHeads; ++h)
+    {
+        double cross = 0, vcos = 0;
+        for (int64_t e = 0; e < mDim; ++e)
+        {
+            cross += mA[h].at(c, e) * mA[h].at(i, e);
+            vcos += mVUnit[h].at(c, e) * mVUnit[h].at(i, e);
+        }
+        s += term(h, i, c, cross, vcos);
+    }
+    return cleanSimilarity(static_cast<float>(s));
+}
+
+namespace
+{
+
+// The rows `tokens` of `from`, packed into panels of their own (the pool of a PCMMR step).
+Panels packRows(Panels const& from, std::vector<int64_t> const& tokens)
+{
+    Panels packed(static_cast<int64_t>(tokens.size()), from.dim());
+    for (size_t r = 0; r < tokens.size(); ++r)
+    {
+        for (int64_t e = 0; e < from.dim(); ++e)
+        {
+            packed.at(static_cast<int64_t>(r), e) = from.at(tokens[r], e);
+        }
+    }
+    return packed;
+}
+
+std::vector<Panels> packRows(std::vector<Panels> const& from, std::vector<int64_t> const& tokens)
+{
+    std::vector<Panels> out;
+    for (Panels const& heads : from)
+    {
+        out.push_back(packRows(heads, tokens));
+    }
+    return out;
+}
+
+} // namespace
+
+void UpdateCosine::evaluate(std::vector<Panels> const& a, std::vector<Panels> const& v, int64_t const* tokens,
+    std::vector<int64_t> const& cols, bool byRow, std::vector<float>& out) const
+{
+    int64_t const nc = static_cast<int64_t>(cols.size()), rows = a[0].rows();
+    out.assign(nc * rows, 0.0F);
+    std::vector<std::vector<double>> colA(mHeads * nc), colV(mHeads * nc); // [h][j]: the columns' rows
+    std::vector<double const*> aRows(mHeads * nc), vRows(mHeads * nc);
+    for (int64_t h = 0; h < mHeads; ++h)
+    {
+        for (int64_t j = 0; j < nc; ++j)
+        {
+            colA[h * nc + j] = mA[h].row(cols[j]);
+            colV[h * nc + j] = mVUnit[h].row(cols[j]);
+            aRows[h * nc + j] = colA[h * nc + j].data();
+            vRows[h * nc + j] = colV[h * nc + j].data();
+        }
+    }
+    int64_t const grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nc * mHeads * mDim));
+    parallelFor(a[0].panels(), grain, [&](int64_t p0, int64_t p1) {
+        std::vector<double> cross(nc * kLanes), vcos(nc * kLanes), s(nc * kLanes);
+        std::vector<double*> crossOut(nc), vcosOut(nc);
+        for (int64_t j = 0; j < nc; ++j)
+        {
+            crossOut[j] = &cross[j * kLanes];
+            vcosOut[j] = &vcos[j * kLanes];
+        }
+        for (int64_t pb = p0; pb < p1; ++pb)
+        {
+            int64_t const lanes = std::min(kLanes, rows - pb * kLanes);
+            std::fill(s.begin(), s.end(), 0.0);
+            for (int64_t h = 0; h < mHeads; ++h) // heads in order, as the pair path sums them
+            {
+                panelDots(a[h].panel(pb), &aRows[h * nc], nc, mDim, crossOut.data());
+                panelDots(v[h].panel(pb), &vRows[h * nc], nc, mDim, vcosOut.data());
+                for (int64_t j = 0; j < nc; ++j)
+                {
+                    for (int64_t l = 0; l < lanes; ++l)
+                    {
+                        int64_t const r = pb * kLanes + l, i = tokens ? tokens[r] : r;
+                        s[j * kLanes + l] += term(h, i, cols[j], cross[j * kLanes + l], vcos[j * kLanes + l]);
+                    }
+                }
+            }
+            for (int64_t j = 0; j < nc; ++j)
+            {
+                for (int64_t l = 0; l < lanes; ++l)
+                {
+                    int64_t const r = pb * kLanes + l;
+                    out[byRow ? r * nc + j : j * rows + r] = cleanSimilarity(static_cast<float>(s[j * kLanes + l]));
+                }
+            }
+        }
+    });
+}
+
+void UpdateCosine::columns(std::vector<int64_t> const& cols, std::vector<float>& out) const
+{
+    evaluate(mA, mVUnit, nullptr, cols, false, out);
+}
+
+void UpdateCosine::block(std::vector<int64_t> const& rows, std::vector<int64_t> const& cols, std::vector<float>& out) const
+{
+    evaluate(packRows(mA, rows), packRows(mVUnit, rows), rows.data(), cols, true, out);
+}
+
+HiddenCosine::HiddenCosine(float const* hidden, int64_t tokens, int64_t width, int64_t b, int64_t start, int64_t n)
+    : mUnit(n, width)
+{
+    // rows write disjoint lanes of the panels
+    parallelFor(n, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width)), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i)
+        {
+            float const* row = hidden + (b * tokens + start + i) * width;
+            double const norm = std::max(std::sqrt(dot(row, row, width)), kEps);
+            for (int64_t e = 0; e < width; ++e)
+            {
+                mUnit.at(i, e) = row[e] / norm;
+            }
+        }
+    });
+}
+
+float HiddenCosine::operator()(int64_t i, int64_t c) const
+{
+    double s = 0;
+    for (int64_t e = 0; e < mUnit.dim(); ++e)
+    {
+        s += mUnit.at(c, e) * mUnit.at(i, e);
+    }
+    return static_cast<float>(s);
+}
+
+void HiddenCosine::evaluate(Panels const& unit, std::vector<int64_t> const& cols, bool byRow, std::vector<float>& out) const
+{
+    int64_t const nc = static_cast<int64_t>(cols.size()), rows = unit.rows(), width = unit.dim();
+    out.assign(nc * rows, 0.0F);
+    std::vector<std::vector<double>> colRows(nc);
+    std::vector<double const*> xs(nc);
+    for (int64_t j = 0; j < nc; ++j)
+    {
+        colRows[j] = mUnit.row(cols[j]);
+        xs[j] = colRows[j].data();
+    }
+    parallelFor(unit.panels(), std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nc * width)), [&](int64_t p0, int64_t p1) {
+        std::vector<double> acc(nc * kLanes);
+        std::vector<double*> outs(nc);
+        for (int64_t j = 0; j < nc; ++j)
+        {
+            outs[j] = &acc[j * kLanes];
+        }
+        for (int64_t pb = p0; pb < p1; ++pb)
+        {
+            panelDots(unit.panel(pb), xs.data(), nc, width, outs.data());
+            for (int64_t j = 0; j < nc; ++j)
+            {
+                for (int64_t l = 0; l < kLanes && pb * kLanes + l < rows; ++l)
+                {
+                    int64_t const r = pb * kLanes + l;
+                    out[byRow ? r * nc + j : j * rows + r] = static_cast<float>(acc[j * kLanes + l]);
+                }
+            }
+        }
+    });
+}
+
+void HiddenCosine::columns(std::vector<int64_t> const& cols, std::vector<float>& out) const
+{
+    evaluate(mUnit, cols, false, out);
+}
+
+void HiddenCosine::block(std::vector<int64_t> const& rows, std::vector<int64_t> const& cols, std::vector<float>& out) const
+{
+    evaluate(packRows(mUnit, rows), cols, true, out);
+}
+
+std::vector<double> HiddenCosine::dotAll(std::vector<double> const& x) const
+{
+    int64_t const n = mUnit.rows();
+    std::vector<double> out(n);
+    double acc[kLanes];
+    double const* xs[1] = {x.data()};
+    double* outs[1] = {acc};
+    for (int64_t pb = 0; pb < mUnit.panels(); ++pb)
+    {
+        panelDots(mUnit.panel(pb), xs, 1, mUnit.dim(), outs);
+        for (int64_t l = 0; l < kLanes && pb * kLanes + l < n; ++l)
+        {
+            out[pb * kLanes + l] = acc[l];
+        }
+    }
+    return out;
+}
+
+void GridDistance::block(std::vector<int64_t> const& rows, std::vector<int64_t> const& cols, std::vector<float>& out) const
+{
+    out.assign(rows.size() * cols.size(), 0.0F);
+    for (size_t r = 0; r < rows.size(); ++r)
+    {
+        for (size_t j = 0; j < cols.size(); ++j)
+        {
+            out[r * cols.size() + j] = (*this)(rows[r], cols[j]);
+        }
+    }
+}
+
+void GridDistance::columns(std::vector<int64_t> const& cols, std::vector<float>& out) const
+{
+    out.assign(cols.size() * mN, 0.0F);
+    for (size_t j = 0; j < cols.size(); ++j)
+    {
+        for (int64_t i = 0; i < mN; ++i)
+        {
+            out[j * mN + i] = (*this)(i, cols[j]);
+        }
+    }
+}
+
+float hashScore(int64_t i, int64_t seed)
+{
+    int64_t x = i + seed * 7919;
+    for (int round = 0; round < 2; ++round)
+    {
+        auto const wrapped = static_cast<int64_t>(static_cast<uint64_t>(x) * 1103515245ULL + 12345ULL);
+        x = wrapped % 2147483648LL;
+        x = x < 0 ? x + 2147483648LL : x; // floor modulo, as torch's %
+        x = x ^ (x / 65536);
+    }
+    return static_cast<float>(x % (1LL << 24));
+}
+
+std::vector<float> sumNormalized(std::vector<float> x)
+{
+    double total = 0;
+    for (float& v : x)
+    {
+        v = std::max(rankable(v), 0.0F);
+        total += v;
+    }
+    for (float& v : x)
+    {
+        v = static_cast<float>(v / std::max(total, 1e-30));
+    }
+    return x;
+}
+
+std::vector<float> rebalanced(std::vector<float> const& attn)
+{
+    int64_t const n = static_cast<int64_t>(attn.size());
+    if (n <= 2) // a line through every point: exactly uniform
+    {
+        return std::vector<float>(n, 1.0F / static_cast<float>(n));
+    }
+    std::vector<double> logA(n), t(n);
+    double cov = 0, var = 0;
+    for (int64_t i = 0; i < n; ++i)
+    {
+        logA[i] = std::log(std::max(static_cast<double>(attn[i]), 1e-30));
+        t[i] = -1.0 + 2.0 * i / (n - 1);
+        cov += logA[i] * t[i];
+        var += t[i] * t[i];
+    }
+    double const slope = cov / var;
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < n; ++i)
+    {
+        logA[i] -= slope * t[i];
+        top = std::max(top, logA[i]);
+    }
+    double total = 0;
+    for (double v : logA)
+    {
+        total += std::exp(v - top);
+    }
+    std::vector<float> out(n);
+    for (int64_t i = 0; i < n; ++i)
+    {
+        out[i] = static_cast<float>(std::exp(logA[i] - top) / total);
+    }
+    return out;
+}
+
+} // namespace cpu
+} // namespace iwp
