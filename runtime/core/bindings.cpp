@@ -154,7 +154,18 @@ PYBIND11_MODULE(_core, m)
         .def_readonly("image_token", &EngineManifest::imageToken)
         .def_readonly("eos_token", &EngineManifest::eosToken)
         .def_readonly("pad_token", &EngineManifest::padToken)
-        .def_readonly("io", &EngineManifest::io, "{graph: GraphIO}: every graph's inputs and outputs, in order")
+        .def_property_readonly(
+            "io",
+            [](py::object self) {
+                py::dict io; // in the format's graph order, as the Python reader has it
+                for (RoleSet const& roles : roleTable())
+                {
+                    io[py::str(roles.graph)] = py::cast(self.cast<EngineManifest const&>().io.at(roles.graph),
+                        py::return_value_policy::reference_internal, self);
+                }
+                return io;
+            },
+            "{graph: GraphIO}: every graph's inputs and outputs, in the graph's own order")
         .def(
             "find",
             [](EngineManifest const& self, std::string const& graph, std::string const& side, std::string const& role,

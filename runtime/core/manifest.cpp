@@ -234,9 +234,9 @@ TensorSpec readTensor(Field const& field, std::vector<std::string> const& roles,
 GraphIO readGraph(Field const& field, RoleSet const& roles, EngineManifest const& m)
 {
     GraphIO io;
-    std::set<std::string> names;
     for (bool output : {false, true})
     {
+        std::set<std::string> names;
         std::vector<Field> const items = field[output ? "outputs" : "inputs"].elements();
         std::vector<TensorSpec>& specs = output ? io.outputs : io.inputs;
         std::set<std::tuple<std::string, int64_t, int64_t>> seen;
@@ -244,7 +244,7 @@ GraphIO readGraph(Field const& field, RoleSet const& roles, EngineManifest const
         {
             specs.push_back(readTensor(items[i], output ? roles.outputs : roles.inputs, m));
             TensorSpec const& t = specs.back();
-            // find() must have one answer, and a graph's tensor names are unique (ONNX and TensorRT need it)
+            // find() must have one answer, and a side's tensor names are unique (ONNX and TensorRT need it)
             if (!seen.emplace(t.role, t.layer, t.stage).second)
             {
                 items[i]["role"].fail("repeats role " + t.role + " (layer " + std::to_string(t.layer) + ", stage "
@@ -252,7 +252,7 @@ GraphIO readGraph(Field const& field, RoleSet const& roles, EngineManifest const
             }
             if (!names.insert(t.name).second)
             {
-                items[i]["name"].fail("repeats the name " + shown(items[i]["name"].json()) + " in this graph");
+                items[i]["name"].fail("repeats the name " + shown(items[i]["name"].json()));
             }
         }
     }
@@ -295,23 +295,25 @@ EngineManifest read(Json const& doc, std::string const& directory)
     m.headDim = model["head_dim"].integer(1);
     m.hiddenSize = model["hidden_size"].integer(1);
     m.vocabSize = model["vocab_size"].integer(1);
-    m.maxPrompt = shapes["max_prompt"].integer(2);
-    m.nVisual = model["n_visual"].integer(1, m.maxPrompt - 1); // at least one text slot beside the image
+    m.maxPrompt = shapes["max_prompt"].integer(1);
+    m.nVisual = model["n_visual"].integer(1);
     m.maxNewTokens = shapes["max_new_tokens"].integer(1);
     m.prefillLen = shapes["prefill_len"].integers(1);
     m.cacheLen = shapes["cache_len"].integers(1);
     for (Field const& stage : root["method"]["stages"].elements()) // [layer, tokens kept] per stage
     {
-        std::vector<int64_t> const pair = stage.integers(0);
+        std::vector<int64_t> const pair = stage.integers(std::numeric_limits<int64_t>::min());
         if (pair.size() != 2)
         {
             stage.fail("has " + std::to_string(pair.size()) + " numbers, not [layer, tokens]");
         }
         ++m.stages;
     }
-    m.imageToken = static_cast<int32_t>(tokens["image"].integer(0, std::numeric_limits<int32_t>::max()));
-    m.eosToken = static_cast<int32_t>(tokens["eos"].integer(0, std::numeric_limits<int32_t>::max()));
-    m.padToken = static_cast<int32_t>(tokens["pad"].integer(0, std::numeric_limits<int32_t>::max()));
+    // token ids are int32 in the runtime core (the Python reader takes any int: the one range it lacks)
+    int64_t const least = std::numeric_limits<int32_t>::min(), most = std::numeric_limits<int32_t>::max();
+    m.imageToken = static_cast<int32_t>(tokens["image"].integer(least, most));
+    m.eosToken = static_cast<int32_t>(tokens["eos"].integer(least, most));
+    m.padToken = static_cast<int32_t>(tokens["pad"].integer(least, most));
     for (auto const* lengths : {&m.prefillLen, &m.cacheLen})
     {
         if (static_cast<int64_t>(lengths->size()) != m.nLayers)
@@ -320,14 +322,18 @@ EngineManifest read(Json const& doc, std::string const& directory)
                 + std::to_string(lengths->size()) + " layers, not model.n_layers = " + std::to_string(m.nLayers));
         }
     }
-    for (int64_t l = 0; l < m.nLayers; ++l)
+    Field const io = root["io"];
+    if (io.json().is_object()) // as the Python reader: no graph the format lacks
     {
-        if (m.cacheLen[l] < m.prefillLen[l])
+        auto const& table = roleTable();
+        for (auto const& item : io.json().items())
         {
-            shapes["cache_len"].fail("holds fewer slots than shapes.prefill_len at layer " + std::to_string(l));
+            if (std::none_of(table.begin(), table.end(), [&](RoleSet const& r) { return r.graph == item.key(); }))
+            {
+                io.fail("holds " + shown(Json(item.key())) + ", not one of embed, vision, prefill, decode");
+            }
         }
     }
-    Field const io = root["io"];
     for (RoleSet const& roles : roleTable())
     {
         m.io[roles.graph] = readGraph(io[roles.graph], roles, m);
@@ -373,10 +379,10 @@ TensorSpec const& EngineManifest::find(std::string const& graph, bool output, st
             }
         }
     }
-    std::string const which = (layer >= 0 ? " for layer " + std::to_string(layer) : "")
-        + (stage >= 0 ? " for stage " + std::to_string(stage) : "");
-    throw std::runtime_error("engine " + directory + ": " + graph + " has no " + role
-        + (output ? " output" : " input") + which + kRebuild);
+    std::string const which = role + (layer >= 0 ? " (layer " + std::to_string(layer) + ")" : "")
+        + (stage >= 0 ? " (stage " + std::to_string(stage) + ")" : "");
+    throw std::runtime_error(
+        "engine " + directory + ": " + graph + " has no " + which + (output ? " output" : " input") + kRebuild);
 }
 
 EngineManifest parseManifest(std::string const& text, std::string const& directory)

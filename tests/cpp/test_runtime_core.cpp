@@ -384,8 +384,8 @@ void manifestGivesTheArenaLayoutAndTheIo()
     // absent: one line naming the graph, the role and the side
     for (auto const& [graph, output, r, layer, stage, said] :
         {std::tuple<char const*, bool, char const*, int64_t, int64_t, char const*>{
-             "decode", true, "key", 3, -1, "decode has no key output for layer 3"},
-            {"prefill", true, "kept", -1, 1, "prefill has no kept output for stage 1"},
+             "decode", true, "key", 3, -1, "decode has no key (layer 3) output"},
+            {"prefill", true, "kept", -1, 1, "prefill has no kept (stage 1) output"},
             {"prefill", false, "logits", -1, -1, "prefill has no logits input"},
             {"decode", false, "key", -1, -1, "decode has no key input"}, {"nope", true, "logits", -1, -1, "nope has no"}})
     {
@@ -512,10 +512,10 @@ void manifestRefusesBadValues()
     CHECK(mentions(with("/dtype", "fp8"), "field dtype is \"fp8\", not one of fp32, fp16"));
     CHECK(mentions(with("/model/n_layers", 0), "field model.n_layers is 0, not an integer >= 1"));
     CHECK(mentions(with("/model/n_layers", 2), "field shapes.prefill_len has 3 layers, not model.n_layers = 2"));
-    CHECK(mentions(with("/model/n_visual", 10), "field model.n_visual is 10, not an integer in [1, 9]"));
-    CHECK(mentions(with("/shapes/cache_len/1", 7), "fewer slots than shapes.prefill_len at layer 1"));
+    CHECK(mentions(with("/model/n_visual", 0), "field model.n_visual is 0, not an integer >= 1"));
+    CHECK(mentions(with("/io/audio", json::object()), "field io holds \"audio\", not one of embed, vision, prefill"));
     CHECK(mentions(with("/shapes/prefill_len/0", -1), "field shapes.prefill_len[0] is -1"));
-    CHECK(mentions(with("/tokens/eos", 1LL << 40), "field tokens.eos is 1099511627776, not an integer in [0, "));
+    CHECK(mentions(with("/tokens/eos", 1LL << 40), "field tokens.eos is 1099511627776, not an integer in [-2147483648, "));
     CHECK(mentions(with("/method/stages/0", {1, 2, 3}), "method.stages[0] has 3 numbers, not [layer, tokens]"));
     CHECK(mentions(with("/method/stages", json::array()), "io.prefill.outputs[1].role is kept, but method.stages"));
     CHECK(mentions(with("/io/vision/inputs/0/dtype", "float64"), "io.vision.inputs[0].dtype is \"float64\", not one of"));
@@ -533,6 +533,7 @@ void manifestRefusesBadValues()
     doc["io"]["embed"]["inputs"][0]["name"] = "\x01\n\xc3\xa9"; // names are opaque: any string reads back
     CHECK(iwp::parseManifest(doc.dump(), "E").find("embed", false, "token_ids").name == "\x01\n\xc3\xa9");
     doc = fixture();
+    doc["io"]["embed"]["outputs"][0]["name"] = "ids"; // names are unique per side, as the Python reader has it
     doc["io"]["embed"]["inputs"][0]["layer"] = nullptr;   // null stands for absent, as Python's None
     doc["extra"] = {{"future", 1}};                        // unknown members are ignored
     CHECK(iwp::readManifest(writeManifest(doc.dump())).find("embed", false, "token_ids").name == "ids");
