@@ -4,7 +4,8 @@
         embed.onnx vision.onnx prefill.onnx decode.onnx
         embed.plan ... decode.plan   (BACKEND=tensorrt: TensorRT engines, version in the manifest)
         tokenizer files, preprocessor_config.json, chat_template.jinja, processor_config.json
-        manifest.json   (the resolved config; the runtime reads everything from here)
+        manifest.json   (the resolved config and the io section; iwp/engine_format.py types it, and the
+                         runtime reads everything from here)
 
 Writes are atomic: the directory is built under a temporary name beside the target and renamed into place
 last, so an interrupted export leaves nothing that looks valid. A rebuild with the same inputs (same
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,8 +26,8 @@ from pathlib import Path
 import onnx
 import torch
 
-FORMAT = 2  # 2: the selection node takes int32 masks (TensorRT plugins take no bool)
-GRAPHS = ("embed", "vision", "prefill", "decode")
+from iwp.engine_format import FORMAT, GRAPHS, EngineManifest, GraphIO, TensorSpec, sha256
+
 # fp16 graphs are fp16 in the file (TensorRT 11 builds only strongly typed networks); selection scores in fp32
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -45,6 +47,7 @@ class EngineSpec:
     options: tuple = ()            # method options as sorted (name, value) pairs
     external_data: bool = False    # weights in a side file even under 2 GB (over 2 GB they always are)
     backend: str = "onnxruntime"   # or "tensorrt": also build a .plan per graph (export/tensorrt.py)
+    trt_workspace_gb: float | None = None   # TensorRT builder's tactic workspace cap in GiB (None: TensorRT's)
 
     def __post_init__(self):
         if self.max_text_tokens < 1 or self.max_new_tokens < 1:
@@ -55,14 +58,11 @@ class EngineSpec:
             raise ValueError(f"SELECT={self.select} is not one of plugin, native")
         if self.backend not in ("onnxruntime", "tensorrt"):
             raise ValueError(f"BACKEND={self.backend} is not one of onnxruntime, tensorrt (auto is resolved first)")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        gb = self.trt_workspace_gb
+        if gb is not None and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not math.isfinite(gb)
+                               or gb <= 0):
+            raise ValueError(f"--trt-workspace-gb {gb} must be a positive number of GiB (Orin's CPU and GPU share "
+                             "one DRAM; e.g. 2)")
 
 
 def engine_name(spec: EngineSpec, grid_name: str) -> str:
@@ -101,15 +101,38 @@ def _weights_identity(loaded) -> str:
 
 
 def is_current(directory: Path, expected_hash: str) -> bool:
-    """An existing engine that was built from the same inputs and whose files are intact."""
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    """An existing engine that was built from the same inputs and whose files are intact. Anything else (a
+    damaged, foreign or older-format directory) is rebuilt."""
+    if not directory.is_dir():
         return False
-    if manifest.get("inputs_hash") != expected_hash:
+    try:
+        manifest = EngineManifest.read(directory)
+    except ValueError:
+        return False
+    if manifest.inputs_hash != expected_hash:
         return False
     return all((directory / name).is_file() and sha256(directory / name) == digest
-               for name, digest in manifest.get("files", {}).items())
+               for name, digest in manifest.files.items())
+
+
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+           onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+           onnx.TensorProto.BOOL: "bool"}
+
+
+def graph_io(model: onnx.ModelProto, named: tuple[list, list]) -> GraphIO:
+    """The io entry of an exported graph: its own names, shapes (symbolic dims by name) and dtypes, with the
+    roles export/graphs.py gives each name."""
+    def specs(values, tensors) -> tuple[TensorSpec, ...]:
+        values = list(values)
+        assert [v.name for v in values] == [t[0] for t in tensors], ([v.name for v in values], tensors)
+        out = []
+        for value, (name, role, layer, stage) in zip(values, tensors):
+            t = value.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+            out.append(TensorSpec(name, shape, _DTYPES[t.elem_type], role, layer, stage))
+        return tuple(out)
+    return GraphIO(specs(model.graph.input, named[0]), specs(model.graph.output, named[1]))
 
 
 def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) -> Path:
@@ -122,7 +145,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     from iwp.processor import save_processor
     from iwp.zoo import load
 
-    from .graphs import DecodeGraph, EmbedGraph, PREFILL_INPUTS, PrefillGraph, VisionGraph, export_program, save
+    from .graphs import DecodeGraph, EmbedGraph, PrefillGraph, VisionGraph, export_program, graph_tensors, names, save
 
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
                   dtype=DTYPES[spec.dtype])
@@ -155,26 +178,28 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             decode = DecodeGraph(model, prefill_len)
             past = [t for layer in zip(pre.cache.keys, pre.cache.values, pre.cache.valid) for t in layer]
             tokens = torch.export.Dim("tokens", min=1, max=length)
+            (token_ids,), _ = graph_tensors("embed", model.n_layers, 0)
             jobs = {
-                "embed": (EmbedGraph(model), (batch.input_ids,), ["input_ids"], ["inputs_embeds"],
-                          {"input_ids": {1: tokens}}),
-                "vision": (VisionGraph(model, loaded.resolution), (batch.pixel_values,), ["pixel_values"],
-                           ["image_features"], None),
-                "prefill": (prefill, prefill.example_inputs(embeds), PREFILL_INPUTS, prefill.output_names(), None),
-                "decode": (decode, (embeds[:, :1], pre.next_position, torch.tensor(0), *past),
-                           decode.input_names(), decode.output_names(), None),
+                "embed": (EmbedGraph(model), (batch.input_ids,), {token_ids[0]: {1: tokens}}),
+                "vision": (VisionGraph(model, loaded.resolution), (batch.pixel_values,), None),
+                "prefill": (prefill, prefill.example_inputs(embeds), None),
+                "decode": (decode, (embeds[:, :1], pre.next_position, torch.tensor(0), *past), None),
             }
+            n_stages = len(plan.stages) if plan else 0
+            io = {}
             for name in GRAPHS:
                 progress(f"exporting {name} graph ...")
-                module, args, inputs, outputs, dynamic = jobs[name]
-                program = export_program(module, args, inputs, outputs, dynamic)
+                module, args, dynamic = jobs[name]
+                named = graph_tensors(name, model.n_layers, n_stages)
+                program = export_program(module, args, names(named[0]), names(named[1]), dynamic)
+                io[name] = graph_io(program.model_proto, named)
                 save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
                 del program
         save_processor(loaded.processor, staging)
         tensorrt = None
         if spec.backend == "tensorrt":
             from .tensorrt import build_plans
-            tensorrt = build_plans(staging, GRAPHS, length, progress)
+            tensorrt = build_plans(staging, GRAPHS, length, progress, workspace_gb=spec.trt_workspace_gb)
         d, m = model_dims(loaded.model)
         full = prefill_flops((n,) * model.n_layers, d, m)
         cfg = loaded.model.config.text_config
@@ -190,7 +215,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
                        "stages": [list(s) for s in plan.stages] if plan else [],
                        "nodes": [node_attributes(method, k, layer, i, len(plan.stages))
                                  for i, (layer, k) in enumerate(plan.stages)] if plan else [],
-                       "tokens_per_layer": list(tokens_per_layer)},
+                       "tokens_per_layer": list(tokens_per_layer), "options": dict(spec.options)},
             "flops": {"formula": "4nd^2 + 2n^2d + 3ndm per layer over visual tokens", "unpruned": full,
                       "pruned": prefill_flops(tokens_per_layer, d, m),
                       "ratio": prefill_flops(tokens_per_layer, d, m) / full},
@@ -203,8 +228,11 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             "tools": _tool_versions(),
             "files": {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
             "spec": dataclasses.asdict(spec),
+            "io": {name: dataclasses.asdict(graph) for name, graph in io.items()},
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        # through the reader: an engine whose manifest the runtime would refuse is never written
+        typed = EngineManifest.from_dict(json.loads(json.dumps(manifest)), staging)
+        (staging / "manifest.json").write_text(typed.to_json())
         os.chmod(staging, 0o755)  # mkdtemp makes it private; an engine is meant to be shared
         _replace_dir(staging, target)
     except BaseException:

@@ -32,7 +32,8 @@ PREFILL_INPUTS = tuple(name for name, _ in _PREFILL_INPUTS)
 
 
 def _caches(kind: str, n_layers: int) -> list[tuple]:
-    return [(f"{kind}.{layer}.{part}", part, layer, None) for layer in range(n_layers) for part in ("key", "value", "valid")]
+    return [(f"{kind}.{layer}.{part}", part, layer, None)
+            for layer in range(n_layers) for part in ("key", "value", "valid")]
 
 
 def graph_tensors(graph: str, n_layers: int, n_stages: int) -> tuple[list[tuple], list[tuple]]:

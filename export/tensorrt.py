@@ -1,5 +1,5 @@
-"""TensorRT engines (.plan files) from an engine directory's ONNX graphs, through polygraphy, and their check
-against ONNX Runtime.
+"""TensorRT engines (.plan files) from an engine directory's ONNX graphs, through polygraphy. Their check
+against ONNX Runtime needs the runtime, so it is a tool: tools/compare_trt.py.
 
 TensorRT cannot be installed on iwp's CI machines, so everything that needs it imports it lazily and the
 rest (backend choice, version checks, profiles) is plain Python that the tests exercise. The plugin library
@@ -111,27 +111,22 @@ def strongly_typed_flag(version: str) -> bool:
     return int(version.split(".")[0]) < 11
 
 
-def workspace_limit(trt) -> dict | None:
-    """IWP_TRT_WORKSPACE_GB caps the builder's tactic workspace (Orin's CPU and GPU share one DRAM)."""
-    value = os.environ.get("IWP_TRT_WORKSPACE_GB")
-    if not value:
+def workspace_limit(trt, gigabytes: float | None) -> dict | None:
+    """The builder's tactic workspace cap (`iwp engine --trt-workspace-gb`, EngineSpec.trt_workspace_gb, which
+    validates it): Orin's CPU and GPU share one DRAM. None leaves TensorRT's default."""
+    if gigabytes is None:
         return None
-    try:
-        gigabytes = float(value)
-        assert gigabytes > 0
-    except (ValueError, AssertionError):
-        raise ValueError(f"IWP_TRT_WORKSPACE_GB={value} must be a positive number of GiB") from None
     return {trt.MemoryPoolType.WORKSPACE: int(gigabytes * (1 << 30))}
 
 
-def build_plans(directory: Path, graphs, max_prompt: int, progress=print) -> dict:
+def build_plans(directory: Path, graphs, max_prompt: int, progress=print, workspace_gb: float | None = None) -> dict:
     """Build `<graph>.plan` beside each `<graph>.onnx` in `directory`; returns the manifest's tensorrt entry."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     path, info = load_plugin(trt.__version__)
     strongly = strongly_typed_flag(trt.__version__)
-    pools = workspace_limit(trt)
+    pools = workspace_limit(trt, workspace_gb)
     plans = {}
     for name in graphs:
         source = directory / f"{name}.onnx"
@@ -153,62 +148,11 @@ def build_plans(directory: Path, graphs, max_prompt: int, progress=print) -> dic
             "strongly_typed_flag": strongly, "plans": plans}
 
 
-def check_plans(manifest: dict, installed: str) -> None:
-    """Plans are specific to a TensorRT version (and GPU): refuse ones from another version."""
-    entry = manifest.get("tensorrt")
-    if not entry:
+def check_plans(tensorrt, installed: str) -> None:
+    """Plans are specific to a TensorRT version (and GPU): refuse ones from another version. `tensorrt` is
+    the manifest's entry (EngineManifest.tensorrt; None when the engine has no plans)."""
+    if tensorrt is None:
         raise ValueError("this engine has no TensorRT plans; rebuild it with `make engine BACKEND=tensorrt`")
-    if entry["version"] != installed:
-        raise ValueError(f"the plans were built with TensorRT {entry['version']} but {installed} is installed; "
+    if tensorrt.version != installed:
+        raise ValueError(f"the plans were built with TensorRT {tensorrt.version} but {installed} is installed; "
                          "rebuild with `make engine BACKEND=tensorrt`")
-
-
-class _Recorder:
-    """An ONNX Runtime session that keeps the first feeds each graph sees."""
-
-    def __init__(self, session, name: str, sink: dict):
-        self.session, self.name, self.sink = session, name, sink
-
-    def run(self, outputs, feeds):
-        self.sink.setdefault(self.name, dict(feeds))
-        return self.session.run(outputs, feeds)
-
-    def get_inputs(self):
-        return self.session.get_inputs()
-
-
-def compare(directory: Path, image=None, prompt: str = "What is in the image?", atol: float | None = None,
-            progress=print) -> dict[str, bool]:
-    """Each TensorRT plan against ONNX Runtime on the same real inputs (recorded from one generation):
-    integer outputs (kept indices) exactly, float outputs within atol (1e-3 fp32, 2e-2 fp16)."""
-    from collections import OrderedDict
-
-    import tensorrt as trt
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc
-
-    from iwp.demo import demo_image
-    from iwp.runtime.pipeline import Pipeline
-
-    pipeline = Pipeline.from_engine(Path(directory))
-    manifest = pipeline.manifest
-    check_plans(manifest, trt.__version__)
-    load_plugin(trt.__version__)
-    feeds: dict = {}
-    sessions = pipeline.sessions
-    pipeline.sessions = {name: _Recorder(s, name, feeds) for name, s in sessions.items()}
-    image = image or demo_image(0, tuple(manifest["model"]["resolution"][::-1]))
-    pipeline.generate_ids(image, prompt, max_new_tokens=min(2, pipeline.max_new_tokens))
-    atol = atol if atol is not None else (2e-2 if manifest["dtype"] == "fp16" else 1e-3)
-    verdicts = {}
-    for name, entry in manifest["tensorrt"]["plans"].items():
-        plan = (Path(directory) / entry["file"]).read_bytes()
-        runners = [TrtRunner(EngineFromBytes(plan), name=f"tensorrt-{name}"),
-                   OnnxrtRunner(lambda s=sessions[name]: s, name=f"onnxruntime-{name}")]
-        results = Comparator.run(runners, data_loader=[OrderedDict(feeds[name])])
-        integer = {o.name: 0.0 for o in sessions[name].get_outputs() if "int" in o.type}
-        check = CompareFunc.simple(atol={"": atol, **integer}, rtol={"": 0.0, **integer}, check_shapes=True)
-        verdicts[name] = bool(Comparator.compare_accuracy(results, compare_func=check))
-        progress(f"{name:8s} {'match' if verdicts[name] else 'MISMATCH'}")
-    return verdicts

@@ -1,1 +1,2 @@
-"""iwp.runtime: the engine runtime (issue: runtime). Until it lands, iwp.model runs the pruned model in PyTorch."""
+"""iwp.runtime: an engine directory on ONNX Runtime (pipeline.py: prepare -> prefill -> decode, with an
+observer of every graph run) and the C++ runtime core (_core: the decode loop, the sampler, the KV arena)."""

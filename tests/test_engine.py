@@ -1,6 +1,7 @@
 """Engine directories and the ONNX Runtime pipeline: parity with the PyTorch reference, atomic and cached
 builds, and one-line errors for a damaged or mismatched engine."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -38,19 +39,47 @@ def test_greedy_32_tokens_and_kept_indices_match_pytorch(pipeline, tiny, tiny_mo
 
 def test_manifest_records_the_resolved_build(built):
     manifest = read_manifest(built)
-    assert manifest["method"]["config"]["lam"] == 0.3 and manifest["method"]["stages"] == [[2, 64]]
-    assert manifest["method"]["nodes"][0]["plugin_namespace"] == "iwp"
-    assert manifest["shapes"]["max_prompt"] == 336 + 96
-    assert manifest["shapes"]["prefill_len"][0] == 96 + 336 and manifest["shapes"]["prefill_len"][2] == 96 + 64
-    assert 0 < manifest["flops"]["ratio"] < 1
-    assert set(manifest["files"]) >= {"embed.onnx", "vision.onnx", "prefill.onnx", "decode.onnx"}
-    assert {"torch", "transformers", "onnx", "onnxruntime", "iwp"} <= set(manifest["tools"])
+    assert manifest.format == 3
+    assert manifest.method.config["lam"] == 0.3 and manifest.method.stages == ((2, 64),)
+    assert manifest.method.nodes[0]["plugin_namespace"] == "iwp" and manifest.method.options == {}
+    assert manifest.shapes.max_prompt == 336 + 96
+    assert manifest.shapes.prefill_len[0] == 96 + 336 and manifest.shapes.prefill_len[2] == 96 + 64
+    assert 0 < manifest.flops.ratio < 1
+    assert set(manifest.files) >= {"embed.onnx", "vision.onnx", "prefill.onnx", "decode.onnx"}
+    assert {"torch", "transformers", "onnx", "onnxruntime", "iwp"} <= set(manifest.tools)
+
+
+def test_io_section_is_each_graphs_own_names_shapes_and_dtypes(built):
+    """The io section is read off the exported graphs: same names in the same order, symbolic dims by name."""
+    import onnx
+    manifest = read_manifest(built)
+    for graph, io in manifest.io.items():
+        model = onnx.load(built / f"{graph}.onnx", load_external_data=False).graph
+        for recorded, values in ((io.inputs, model.input), (io.outputs, model.output)):
+            assert [t.name for t in recorded] == [v.name for v in values]
+            assert [list(t.shape) for t in recorded] == [[d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+                                                         for v in values]
+    assert manifest.find("embed", "inputs", "token_ids").shape == (1, "tokens")
+    assert manifest.find("prefill", "outputs", "kept", stage=0).dtype == "int64"
+    valid = manifest.find("decode", "inputs", "valid", layer=3)
+    assert valid.dtype == "bool" and valid.shape == (1, manifest.shapes.cache_len[3])
+    assert [t.role for t in manifest.io["decode"].inputs[:3]] == ["embeddings", "position", "step"]
 
 
 def test_rebuild_with_the_same_inputs_is_reused(built):
     before = {p.name: p.stat().st_mtime_ns for p in built.iterdir()}
     again = build(SPEC, built.parent, progress=lambda _: None)
     assert again == built and {p.name: p.stat().st_mtime_ns for p in built.iterdir()} == before
+
+
+def test_build_over_a_damaged_engine_rebuilds_it(built, tmp_path):
+    """`iwp engine`, the advised fix, works over any damage: a manifest of another shape is rebuilt, not read."""
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    (copy / "manifest.json").write_text('{"format": 3, "files": {}}')
+    assert build(SPEC, tmp_path, progress=lambda _: None) == copy
+    assert read_manifest(copy).inputs_hash == read_manifest(built).inputs_hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == [built.name]       # no staging or .old directories
 
 
 def test_interrupted_build_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
@@ -75,12 +104,20 @@ def test_interrupted_build_leaves_nothing_that_looks_valid(tmp_path, monkeypatch
     (lambda d: (d / "prefill.onnx").unlink(), "prefill.onnx is missing"),
     (lambda d: (d / "decode.onnx").write_bytes(b"garbage"), "decode.onnx does not match the hash"),
     (lambda d: _edit_manifest(d, format=99), "manifest format 99"),
+    (lambda d: _edit_manifest(d, format=2), "manifest format 2 is not this iwp's format 3"),
+    (lambda d: (d / "manifest.json").write_text("[1, 2]"), "manifest.json is an array, not an object"),
+    (lambda d: (d / "manifest.json").write_text('{"format": 3, "files": {}}'), "field inputs_hash is missing"),
+    (lambda d: (d / "manifest.json").write_text('{"format": 2, "files": {}}'), "manifest format 2"),
+    (lambda d: _edit_manifest(d, model="tiny"), "field model is a string, not an object"),
+    (lambda d: _edit_io(d, "decode", "inputs", 4, layer="0"), "io.decode.inputs[4].layer is a string, not an integer"),
+    (lambda d: _swap_graph(d, "embed", "vision"), "vision.onnx is not the vision graph of this engine"),
+    (lambda d: _edit_io(d, "prefill", "outputs", 0, name="renamed"), "prefill.onnx is not the prefill graph"),
 ])
 def test_damaged_engine_gets_one_line_error(built, tmp_path, damage, words):
     copy = tmp_path / built.name
     shutil.copytree(built, copy)
     damage(copy)
-    with pytest.raises(ValueError, match=words) as err:
+    with pytest.raises(ValueError, match=re.escape(words)) as err:
         Pipeline.from_engine(copy)
     assert "\n" not in str(err.value) and "make engine" in str(err.value)
 
@@ -91,9 +128,27 @@ def _edit_manifest(directory, **changes):
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _edit_io(directory, graph, kind, index, **changes):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["io"][graph][kind][index].update(changes)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _swap_graph(directory, source, target):
+    """`target`.onnx replaced by a copy of `source`.onnx, with its hash in the manifest edited to match."""
+    from iwp.engine_format import sha256
+    shutil.copy(directory / f"{source}.onnx", directory / f"{target}.onnx")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"][f"{target}.onnx"] = sha256(directory / f"{target}.onnx")
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_missing_engine_and_wrong_budget(built, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         Pipeline.from_engine(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not an engine directory"):
+        Pipeline.from_engine(tmp_path / "file")
     with pytest.raises(ValueError, match="built for budget 64, not 128"):
         Pipeline.from_engine(built, budget=128)
 
@@ -101,8 +156,41 @@ def test_missing_engine_and_wrong_budget(built, tmp_path):
 def test_prompt_past_capacity_names_the_capacity(pipeline):
     with pytest.raises(ValueError, match="capacity is 432"):
         pipeline.generate_ids(demo_image(0), "word " * 200, 4)
-    with pytest.raises(ValueError, match="max_new_tokens must be in 1..32"):
-        pipeline.generate_ids(demo_image(0), "hi", 33)
+    for steps in (33, 0, -1, 2.0, True):   # 0 is refused, not read as "the default"
+        with pytest.raises(ValueError, match="max_new_tokens must be in 1..32"):
+            pipeline.generate_ids(demo_image(0), "hi", steps)
+    for prompt in (None, ["hi"], 3):
+        with pytest.raises(TypeError, match="prompt must be a string"):
+            pipeline.generate_ids(demo_image(0), prompt, 2)
+
+
+def test_public_steps_compose_to_generate_ids_and_the_observer_sees_every_graph_run(pipeline):
+    """prepare -> prefill -> decode is generate_ids; one observer sees each graph run, decode steps included
+    (the arrays bound through IOBinding), by the names the manifest records, with their seconds."""
+    seen = []
+
+    class Observer:
+        def on_graph(self, name, feeds, outputs, seconds):
+            seen.append((name, list(feeds), list(outputs), seconds))
+    image, prompt = demo_image(5), "What colour is the circle?"
+    expected, kept = pipeline.generate_ids(image, prompt, 5)
+    batch = pipeline.prepare(image, prompt)
+    pipeline.observe(Observer())
+    try:
+        pre = pipeline.prefill(batch)
+        ids = pipeline.decode(pre, 5)
+    finally:
+        pipeline.observe(None)
+    assert ids == expected and [k.tolist() for k in pre.kept] == [k.tolist() for k in kept]
+    assert pre.logits.shape == (pipeline.manifest.model.vocab_size,) and len(pre.caches) == 3 * pipeline.manifest.model.n_layers
+    io = pipeline.manifest.io
+    assert [name for name, *_ in seen] == ["embed", "vision", "prefill"] + ["embed", "decode"] * 4   # 5 tokens: 4 decode steps
+    for name, feeds, outputs, seconds in seen:
+        assert feeds == [t.name for t in io[name].inputs] and outputs == [t.name for t in io[name].outputs]
+        assert seconds > 0
+    seen.clear()
+    pipeline.generate_ids(image, prompt, 2)
+    assert seen == []                       # observe(None) detached it
 
 
 def test_sampler_is_seeded_and_top_p_narrows():
@@ -165,7 +253,7 @@ def test_external_data_engine_loads_and_generates_the_same_tokens(pipeline, tmp_
     directory = build(spec, tmp_path, progress=lambda _: None)
     data = sorted(p.name for p in directory.iterdir() if p.suffix == ".data")
     assert {"prefill.onnx.data", "decode.onnx.data"} <= set(data)
-    assert set(data) <= set(read_manifest(directory)["files"])  # the side files are hashed too
+    assert set(data) <= set(read_manifest(directory).files)  # the side files are hashed too
     external = Pipeline.from_engine(directory)
     prompt = "What colour is the circle?"
     assert external.generate_ids(demo_image(5), prompt, 8)[0] == pipeline.generate_ids(demo_image(5), prompt, 8)[0]
@@ -179,7 +267,7 @@ def test_core_loop_gives_the_python_paths_tokens(pipeline, temperature, top_p, s
     core, _ = pipeline.generate_ids(demo_image(5), "What is here?", 24, Sampler(temperature, top_p, seed))
     assert core == pipeline.generate_ids_reference(demo_image(5), "What is here?", 24,
                                                    Sampler(temperature, top_p, seed))
-    assert len(core) == 24 or core[-1] == pipeline.manifest["tokens"]["eos"]
+    assert len(core) == 24 or core[-1] == pipeline.manifest.tokens.eos
 
 
 def test_core_sampler_draws_what_the_python_sampler_draws():
@@ -193,35 +281,40 @@ def test_core_sampler_draws_what_the_python_sampler_draws():
 
 def test_arena_is_sized_from_the_manifest(pipeline):
     arena, m = pipeline.arena, pipeline.manifest
-    assert arena.capacities == m["shapes"]["cache_len"]
-    assert arena.key(0, 0).shape == (1, m["model"]["n_kv_heads"], m["shapes"]["cache_len"][0], m["model"]["head_dim"])
+    assert arena.capacities == list(m.shapes.cache_len)
+    assert arena.key(0, 0).shape == (1, m.model.n_kv_heads, m.shapes.cache_len[0], m.model.head_dim)
     assert arena.key(0, 0).dtype == np.float32 and arena.valid(1, 5).dtype == np.bool_
-    unpruned = arena.unpruned_set_bytes(m["shapes"]["cache_len"][0])
+    unpruned = arena.unpruned_set_bytes(m.shapes.cache_len[0])
     assert arena.set_bytes < unpruned                   # pruned layers hold fewer slots
     with pytest.raises(IndexError):
-        arena.key(0, m["model"]["n_layers"])
+        arena.key(0, m.model.n_layers)
 
 
 def test_core_reads_the_manifest_and_pads_prompts_as_python_does(pipeline, built):
     """The C++ manifest reader and prefill inputs (what a C++ app uses) against the Python pipeline's own."""
-    from iwp.export.engine import FORMAT
+    from iwp.engine_format import FORMAT, ROLES
     from iwp.runtime import _core
     assert _core.MANIFEST_FORMAT == FORMAT
+    assert _core.role_table() == ROLES
     core, m = _core.read_manifest(str(built)), pipeline.manifest
     assert (core.n_visual, core.max_prompt, core.cache_len, core.prefill_len, core.stages) == (
-        m["model"]["n_visual"], m["shapes"]["max_prompt"], m["shapes"]["cache_len"], m["shapes"]["prefill_len"], 1)
+        m.model.n_visual, m.shapes.max_prompt, list(m.shapes.cache_len), list(m.shapes.prefill_len), 1)
     assert (core.image_token, core.eos_token, core.pad_token, core.dtype) == (
-        m["tokens"]["image"], m["tokens"]["eos"], m["tokens"]["pad"], "fp32")
+        m.tokens.image, m.tokens.eos, m.tokens.pad, "fp32")
+    for graph, io in m.io.items():   # the same io section, tensor for tensor
+        for kind in ("inputs", "outputs"):
+            assert [(t.name, tuple(t.shape), t.dtype, t.role, t.layer, t.stage) for t in getattr(core.io[graph], kind)] \
+                == [(t.name, t.shape, t.dtype, t.role, t.layer, t.stage) for t in getattr(io, kind)], (graph, kind)
     for prompt in ("hi", "What colour is the largest shape on the left?"):
-        batch = pipeline._prepare(demo_image(0), prompt)
+        batch = pipeline.prepare(demo_image(0), prompt)
         ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()      # the processor's unpadded ids
         inputs = _core.prefill_inputs(ids, core)
-        assert np.array_equal(inputs["input_ids"], batch.input_ids.numpy())
-        for name in ("attention_mask", "positions", "visual_start", "query_idx", "query_mask", "last_idx"):
-            assert np.array_equal(inputs[name], getattr(batch, name).numpy()), name
+        assert np.array_equal(inputs["token_ids"], batch.input_ids.numpy())
+        for role in ("attention_mask", "positions", "visual_start", "query_idx", "query_mask", "last_idx"):
+            assert np.array_equal(inputs[role], getattr(batch, role).numpy()), role
         assert inputs["next_position"] == int(batch.positions[0, -1]) + 1
     with pytest.raises(ValueError, match="capacity is 432"):
-        _core.prefill_inputs([m["tokens"]["image"]] * 433, core)
+        _core.prefill_inputs([m.tokens.image] * 433, core)
     with pytest.raises(ValueError, match="expects 336"):
         _core.prefill_inputs([1, 2, 3], core)
     with pytest.raises(RuntimeError, match="no readable manifest.json"):
@@ -258,8 +351,8 @@ def test_prepare_writes_the_cpp_apps_inputs(built, pipeline, tmp_path):
     main(["prepare", "--engine", str(built), "--image", str(image), "--prompt", "What is here?",
           "--out", str(tmp_path / "p")])
     ids = [int(x) for x in (tmp_path / "p.ids").read_text().split()]
-    batch = pipeline._prepare(str(image), "What is here?")
-    padded = _core.prefill_inputs(ids, _core.read_manifest(str(built)))["input_ids"]
+    batch = pipeline.prepare(str(image), "What is here?")
+    padded = _core.prefill_inputs(ids, _core.read_manifest(str(built)))["token_ids"]
     assert np.array_equal(padded, batch.input_ids.numpy())
     pixels = np.frombuffer((tmp_path / "p.pixels").read_bytes(), dtype=np.float32)
     assert np.array_equal(pixels, batch.pixel_values.numpy().reshape(-1))

@@ -56,7 +56,7 @@ def test_native_engine_generates_the_plugin_engines_tokens(tmp_path):
         directory = build(spec, tmp_path, progress=lambda _: None)
         assert directory.name.endswith("-native") == (select == "native")
         pipeline = Pipeline.from_engine(directory)
-        assert pipeline.manifest["select"] == select
+        assert pipeline.manifest.select == select
         tokens[select] = pipeline.generate_ids(demo_image(7), "What is here?", 8)
     assert tokens["native"][0] == tokens["plugin"][0]
     assert tokens["native"][1][0].tolist() == tokens["plugin"][1][0].tolist()

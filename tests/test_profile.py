@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from iwp import profile
+from iwp.tools import profile
 from iwp.tools.cli import main
 from iwp.export.engine import EngineSpec, build
 
@@ -81,7 +81,7 @@ def test_tegrastats_is_sampled_when_present(engines, tmp_path, monkeypatch):
 
 
 def test_soak_samples_memory_over_generations(engines):
-    from iwp import soak
+    from iwp.tools import soak
     result = soak.run(engines[0], generations=10, new_tokens=3, every=5, warmup=2, progress=lambda _: None)
     assert [done for done, _ in result["rss_mb"]] == [0, 5, 10]
     assert result["growth_mb"] == result["rss_mb"][-1][1] - result["rss_mb"][0][1]

@@ -50,11 +50,13 @@ def test_plugin_version_checks():
 
 
 def test_plans_of_another_tensorrt_are_refused():
+    from iwp.engine_format import TensorRTInfo
+    entry = TensorRTInfo("10.3.0", "VisualTokenSelect 1 iwp; TensorRT 10.3.0", "lib.so", True, {})
     with pytest.raises(ValueError, match="no TensorRT plans"):
-        trt_build.check_plans({"tensorrt": None}, "10.3.0")
+        trt_build.check_plans(None, "10.3.0")
     with pytest.raises(ValueError, match="built with TensorRT 10.3.0 but 10.4.0 is installed"):
-        trt_build.check_plans({"tensorrt": {"version": "10.3.0"}}, "10.4.0")
-    trt_build.check_plans({"tensorrt": {"version": "10.3.0"}}, "10.3.0")
+        trt_build.check_plans(entry, "10.4.0")
+    trt_build.check_plans(entry, "10.3.0")
 
 
 def test_strongly_typed_flag_only_below_tensorrt_11():
@@ -62,17 +64,23 @@ def test_strongly_typed_flag_only_below_tensorrt_11():
     assert not trt_build.strongly_typed_flag("11.0.0") and not trt_build.strongly_typed_flag("11.1.0")
 
 
-def test_workspace_cap_from_the_environment(monkeypatch):
+def test_workspace_cap_is_an_engine_option(tmp_path, capsys):
     class FakeTrt:
         class MemoryPoolType:
             WORKSPACE = "workspace"
-    monkeypatch.delenv("IWP_TRT_WORKSPACE_GB", raising=False)
-    assert trt_build.workspace_limit(FakeTrt) is None
-    monkeypatch.setenv("IWP_TRT_WORKSPACE_GB", "1.5")
-    assert trt_build.workspace_limit(FakeTrt) == {"workspace": 3 << 29}
-    monkeypatch.setenv("IWP_TRT_WORKSPACE_GB", "lots")
-    with pytest.raises(ValueError, match="must be a positive number of GiB"):
-        trt_build.workspace_limit(FakeTrt)
+    assert trt_build.workspace_limit(FakeTrt, None) is None
+    assert trt_build.workspace_limit(FakeTrt, EngineSpec("m", "iwp", 64, trt_workspace_gb=1.5).trt_workspace_gb) == {
+        "workspace": 3 << 29}
+    for bad in (0, -1.0, float("inf"), float("nan"), "2", True):
+        with pytest.raises(ValueError, match="--trt-workspace-gb .* must be a positive number of GiB"):
+            EngineSpec("m", "iwp", 64, trt_workspace_gb=bad)
+    for flag in ("0", "-2", "inf", "lots"):   # the flag: one line, exit 2, before any work
+        with pytest.raises(SystemExit) as exit_info:
+            main(["engine", "--model", "tiny-llava-ov", "--trt-workspace-gb", flag, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert "--trt-workspace-gb" in err.strip().splitlines()[-1], err   # argparse's usage lines, then one error
+    assert not any(tmp_path.iterdir())
 
 
 def _identity(shape):
@@ -90,8 +98,8 @@ def test_profiles_of_a_real_engine(tmp_path):
     """The exported graphs: only embed has a free dimension (1 for a decode step up to the prompt)."""
     from iwp.export.engine import build
     directory = build(EngineSpec("tiny-llava-ov", "iwp", 48, max_new_tokens=2), tmp_path, progress=lambda _: None)
-    import json
-    length = json.loads((directory / "manifest.json").read_text())["shapes"]["max_prompt"]
+    from iwp.engine_format import EngineManifest
+    length = EngineManifest.read(directory).shapes.max_prompt
     shapes = {name: trt_build.profile_shapes(onnx.load(directory / f"{name}.onnx", load_external_data=False), length)
               for name in ("embed", "vision", "prefill", "decode")}
     assert shapes == {"embed": {"input_ids": ((1, 1), (1, length), (1, length))}, "vision": {}, "prefill": {},
@@ -112,4 +120,5 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(tmp_path):
         directory = build(EngineSpec("tiny-llava-ov", "iwp", 48, max_new_tokens=2, dtype=dtype, backend="tensorrt"),
                           tmp_path)
         assert all((directory / f"{g}.plan").is_file() for g in ("embed", "vision", "prefill", "decode"))
-        assert all(trt_build.compare(directory).values())
+        from iwp.tools.compare_trt import compare
+        assert all(compare(directory).values())

@@ -15,11 +15,11 @@ def command(args) -> None:
     for directory in args.engine:
         pipeline = Pipeline.from_engine(directory)
         m = pipeline.manifest
-        image = demo_image(0, tuple(m["model"]["resolution"][::-1]))
+        image = demo_image(0, tuple(m.model.resolution[::-1]))
         t = pipeline.time_stages(image, "What is in the image?", args.repeats)
-        first = first or (t["prefill"], m["flops"]["pruned"])
-        print(f"| {Path(directory).name} | {m['method']['name']} | {describe_counts(m['method']['tokens_per_layer'])} "
+        first = first or (t["prefill"], m.flops.pruned)
+        print(f"| {Path(directory).name} | {m.method.name} | {describe_counts(m.method.tokens_per_layer)} "
               f"| {t['vision'] * 1e3:.0f} | {t['prefill'] * 1e3:.0f} | {first[0] / t['prefill']:.2f}x | "
-              f"{first[1] / m['flops']['pruned']:.2f}x |", flush=True)
+              f"{first[1] / m.flops.pruned:.2f}x |", flush=True)
         del pipeline  # multi-GB sessions: free one engine before loading the next
         gc.collect()

@@ -18,13 +18,13 @@ def engine_agreement(directory, loaded: Loaded, items: Sequence[Item], metric: s
 
     pipeline = Pipeline.from_engine(directory)
     m = pipeline.manifest
-    if (m["model"]["name"], m["model"]["grid"]) != (loaded.spec.name, loaded.spec.grid_name):
-        raise ValueError(f"engine {directory} is {m['model']['name']} at grid {m['model']['grid']}, but the evaluation "
+    if (m.model.name, m.model.grid) != (loaded.spec.name, loaded.spec.grid_name):
+        raise ValueError(f"engine {directory} is {m.model.name} at grid {m.model.grid}, but the evaluation "
                          f"is {loaded.spec.name} at {loaded.spec.grid_name}; pass --model/--grid to match the engine")
-    name, nodes = m["method"]["name"], m["method"]["nodes"]
+    name, nodes = m.method.name, m.method.nodes
     method = method_from_attributes(nodes[0]) if name != "none" else None
     model = PrunedLlavaOnevision(loaded.model)
-    plan = method.plan(model.n_layers, loaded.n_visual, m["method"]["budget"]) if method else None
+    plan = method.plan(model.n_layers, loaded.n_visual, m.method.budget) if method else None
     steps = min(MAX_ANSWER_TOKENS, pipeline.max_new_tokens)
     ort = []
     for i, it in enumerate(items):
@@ -33,7 +33,7 @@ def engine_agreement(directory, loaded: Loaded, items: Sequence[Item], metric: s
             progress(f"{Path(directory).name}: {i + 1}/{len(items)} questions through ONNX Runtime")
     (torch_preds,) = predict(loaded, items, [(method, plan)], model=model)
     mean = lambda preds: sum(score(p, it.answers, metric) for p, it in zip(preds, items)) / len(items)  # noqa: E731
-    return {"engine": str(directory), "method": name, "budget": m["method"]["budget"],
+    return {"engine": str(directory), "method": name, "budget": m.method.budget,
             "onnxruntime_accuracy": mean(ort), "pytorch_accuracy": mean(torch_preds),
             "agreement": sum(a == b for a, b in zip(ort, torch_preds)) / len(items),
             "disagreements": [{"question": it.question, "onnxruntime": a, "pytorch": b}

@@ -89,44 +89,44 @@ def _power_mode() -> str | None:
     return next((line.strip() for line in result.stdout.splitlines() if line.strip()), None)
 
 
-def _timed(backend):
-    """A runtime-core backend that times each decode step of `backend`."""
-    from iwp.runtime._core import Backend
+class StageTimes:
+    """An observer of the pipeline's graph runs: the seconds of each, in order."""
 
-    class TimedBackend(Backend):
-        def __init__(self):
-            Backend.__init__(self)
-            self.times = []
+    def __init__(self):
+        self.runs: list[tuple[str, float]] = []
 
-        def vocab(self):
-            return backend.vocab()
+    def on_graph(self, name, feeds, outputs, seconds) -> None:
+        self.runs.append((name, seconds))
 
-        def decode(self, token, position, step, arena):
-            start = time.perf_counter()
-            logits = backend.decode(token, position, step, arena)
-            self.times.append(time.perf_counter() - start)
-            return logits
-
-    return TimedBackend()
+    def seconds(self, name: str) -> list[float]:
+        return [s for graph, s in self.runs if graph == name]
 
 
 def _one_run(pipeline, image, prompt: str, new_tokens: int) -> dict:
-    from iwp.runtime._core import generate
-    from iwp.runtime.pipeline import OrtBackend, Sampler
+    from iwp.runtime.ort_ops import selection_seconds
+    from iwp.runtime.pipeline import Sampler
 
-    t = {}
-    start = time.perf_counter()
-    batch = pipeline._prepare(image, prompt)
-    t["preprocess"] = time.perf_counter() - start
-    logits, _, caches = pipeline._prefill(batch, timings=t)
-    sampler = Sampler().core()
-    sampler.sample(logits)                           # the first token
-    t["ttft"] = time.perf_counter() - start
-    pipeline._load_arena(caches)
-    timed = _timed(OrtBackend(pipeline.sessions, pipeline.manifest))
-    generate(timed, pipeline.arena, logits, int(batch.positions[0, -1]) + 1, sampler, new_tokens, [], None)
-    t["end_to_end"] = time.perf_counter() - start
-    t["decode_steps"] = timed.times
+    t, times = {}, StageTimes()
+    pipeline.observe(times)
+    try:
+        start = time.perf_counter()
+        batch = pipeline.prepare(image, prompt)
+        t["preprocess"] = time.perf_counter() - start
+        selection = selection_seconds()
+        pre = pipeline.prefill(batch)
+        t["selection"] = selection_seconds() - selection
+        (t["vision"],), (t["prefill"],) = times.seconds("vision"), times.seconds("prefill")
+        sampler = Sampler()
+        sampler.core().sample(pre.logits)                # the first token
+        t["ttft"] = time.perf_counter() - start
+        prompt_runs = len(times.runs)
+        pipeline.decode(pre, new_tokens, sampler, stop_tokens=[])
+        t["end_to_end"] = time.perf_counter() - start
+    finally:
+        pipeline.observe(None)
+    # a decode step is its token's embedding, then the decode graph
+    steps = times.runs[prompt_runs:]
+    t["decode_steps"] = [embed + decode for (_, embed), (_, decode) in zip(steps[0::2], steps[1::2])]
     return t
 
 
@@ -141,7 +141,7 @@ def profile_engine(directory, image=None, prompt: str = "What is in the image?",
     m = pipeline.manifest
     if new_tokens > pipeline.max_new_tokens:
         raise ValueError(f"profile: --new-tokens {new_tokens} exceeds this engine's {pipeline.max_new_tokens}")
-    image = image or demo_image(0, tuple(m["model"]["resolution"][::-1]))
+    image = image or demo_image(0, tuple(m.model.resolution[::-1]))
     runs = []
     for i in range(warmup + repeats):
         progress(f"{Path(directory).name}: {'warm-up' if i < warmup else 'run'} {i + 1}/{warmup + repeats}")
@@ -150,14 +150,14 @@ def profile_engine(directory, image=None, prompt: str = "What is in the image?",
             runs.append(run)
     stages = {name: spread([r[name] for r in runs]) for name in STAGES if name != "decode_per_token"}
     stages["decode_per_token"] = spread([step for r in runs for step in r["decode_steps"]])
-    if m["select"] == "native" or m["method"]["name"] == "none":
+    if m.select == "native" or m.method.name == "none":
         stages["selection"] = None     # inside the graph's own ops (native twin), or no selection at all
     arena = pipeline.arena
-    full_capacity = m["shapes"]["max_prompt"] + m["shapes"]["max_new_tokens"]
-    f = m["flops"]
+    full_capacity = m.shapes.max_prompt + m.shapes.max_new_tokens
+    f = m.flops
     return {
-        "engine": str(directory), "model": m["model"]["name"], "method": m["method"]["name"],
-        "budget": m["method"]["budget"], "n_visual": m["model"]["n_visual"], "dtype": m["dtype"],
+        "engine": str(directory), "model": m.model.name, "method": m.method.name,
+        "budget": m.method.budget, "n_visual": m.model.n_visual, "dtype": m.dtype,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count()},
         "settings": {"warmup": warmup, "repeats": repeats, "new_tokens": new_tokens, "prompt": prompt},
@@ -166,8 +166,8 @@ def profile_engine(directory, image=None, prompt: str = "What is in the image?",
                    "kv_arena_bytes": arena.bytes, "kv_set_bytes": arena.set_bytes,
                    "kv_set_bytes_unpruned": arena.unpruned_set_bytes(full_capacity),
                    "kv_ratio": arena.set_bytes / arena.unpruned_set_bytes(full_capacity)},
-        "flops": {"prefill_visual": f["pruned"], "prefill_visual_unpruned": f["unpruned"],
-                  "ideal_speedup": f["unpruned"] / f["pruned"]},
+        "flops": {"prefill_visual": f.pruned, "prefill_visual_unpruned": f.unpruned,
+                  "ideal_speedup": f.unpruned / f.pruned},
     }
 
 

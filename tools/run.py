@@ -21,7 +21,7 @@ def prepare_command(args) -> None:
     from iwp.runtime.pipeline import prepare, read_manifest
     directory = Path(args.engine)
     manifest = read_manifest(directory, verify_files=False)
-    batch = prepare(directory, manifest, processor_from_checkpoint(directory), args.image, args.prompt)
+    batch = prepare(manifest, processor_from_checkpoint(directory), args.image, args.prompt)
     ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()      # unpadded: the app pads
     vision = onnx.load(str(directory / "vision.onnx"), load_external_data=False).graph.input[0]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(vision.type.tensor_type.elem_type)

@@ -22,7 +22,7 @@ def rss_mb() -> float:
 def run(engine, generations: int = 1000, new_tokens: int = 16, every: int = 100, warmup: int = 20,
         progress=print) -> dict:
     pipeline = Pipeline.from_engine(engine)
-    images = [demo_image(i, tuple(pipeline.manifest["model"]["resolution"][::-1])) for i in range(4)]
+    images = [demo_image(i, tuple(pipeline.manifest.model.resolution[::-1])) for i in range(4)]
     samples, start = [], time.perf_counter()
     for i in range(warmup + generations):
         sampler = Sampler(0.8, 0.9, seed=i)
