@@ -72,6 +72,8 @@ def test_cpp_reads_a_built_engine_as_python_does(engine):
         core.find("decode", "outputs", "key", layer=99)
     with pytest.raises(ValueError, match="side must be 'inputs' or 'outputs'"):
         core.find("decode", "output", "logits")
+    with pytest.raises(ValueError, match="layer and stage are None or >= 0"):
+        core.find("decode", "outputs", "logits", layer=-1)
 
 
 def _one_line_refusal(text: bytes, directory: str = "E") -> str | None:

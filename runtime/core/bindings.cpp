@@ -174,6 +174,10 @@ PYBIND11_MODULE(_core, m)
                 {
                     throw py::value_error("side must be 'inputs' or 'outputs', got " + std::string(py::repr(py::str(side))));
                 }
+                if (layer.value_or(0) < 0 || stage.value_or(0) < 0) // -1 is C++'s "none": not a layer to ask for
+                {
+                    throw py::value_error("layer and stage are None or >= 0");
+                }
                 return self.find(graph, side == "outputs", role, layer.value_or(-1), stage.value_or(-1));
             },
             py::arg("graph"), py::arg("side"), py::arg("role"), py::arg("layer") = py::none(),

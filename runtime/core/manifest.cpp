@@ -19,7 +19,7 @@ using Json = nlohmann::json;
 
 std::string const kRebuild = "; rebuild it with `make engine`";
 
-// What is wrong with the document, without the engine's name and the rebuild hint (readManifest adds both).
+// What is wrong with the document, without the engine's name and the rebuild hint (parseManifest adds both).
 class ShapeError : public std::runtime_error
 {
 public:
