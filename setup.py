@@ -7,7 +7,10 @@ setup(
     ext_modules=[Pybind11Extension("iwp.plugins.visual_token_select._cpu",
                                    [f"plugins/visual_token_select/{name}.cpp" for name in
                                     ("cpu_module", "cpu", "cpu_ops", "plan")], cxx_std=17,
-                                   extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"]),
+                                   # no FMA contraction (the kernel rounds as the reference); no FP traps, so the
+                                   # vector exp's clamps vectorize (results are unchanged)
+                                   extra_compile_args=["-O3", "-pthread", "-ffp-contract=off", "-fno-trapping-math"],
+                                   extra_link_args=["-pthread"]),
                  Pybind11Extension("iwp.runtime._core",
                                    ["runtime/core/kv_arena.cpp", "runtime/core/sampler.cpp",
                                     "runtime/core/generate.cpp", "runtime/core/manifest.cpp",

@@ -9,6 +9,7 @@ from the methods' config dataclasses, so a new option appears in every implement
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 
 from . import METHODS, make_method
@@ -76,6 +77,11 @@ def _attribute_type(annotation) -> type:
 
 def method_attributes() -> dict[str, type]:
     """Union of every method's config fields: name -> bool/int/float/str/tuple (tuple = list of ints)."""
+    return dict(_method_attributes())
+
+
+@functools.cache
+def _method_attributes() -> dict[str, type]:  # the methods are fixed at import; get_type_hints is slow
     out: dict[str, type] = {}
     for cls in METHODS.values():
         hints = typing.get_type_hints(cls.Config)

@@ -100,6 +100,9 @@ private:
     std::vector<double> mData;
 };
 
+// x[i] <- e^x[i] (x <= 709; below the smallest normal result, 0), the same double in every lane.
+void expInPlace(double* x, int64_t n);
+
 // out[r][l] = Σ_e x[r][e]·panel[e][l], e ascending from 0, for the panel's 8 rows and `count` vectors x[r].
 void panelDots(double const* panel, double const* const* x, int64_t count, int64_t dim, double* const* out);
 
@@ -121,7 +124,7 @@ public:
     void block(std::vector<int64_t> const& rows, std::vector<int64_t> const& cols, std::vector<float>& out) const;
 
 private:
-    double term(int64_t h, int64_t i, int64_t c, double cross, double vcos) const;
+    double exponent(int64_t h, int64_t i, int64_t c, double cross) const;
     // S[token(r), cols[j]] for the rows r of the panels `a`, `v` (token(r) = tokens[r], or r when null)
     void evaluate(std::vector<Panels> const& a, std::vector<Panels> const& v, int64_t const* tokens,
         std::vector<int64_t> const& cols, bool byRow, std::vector<float>& out) const;
