@@ -104,3 +104,19 @@ def test_ctypes_mirror_matches_the_compiled_struct(tmp_path):
                                                      check=True).stdout.split()]
     assert size == ctypes.sizeof(cuda.Params)
     assert offsets == [getattr(cuda.Params, f).offset for f in fields]
+
+
+def test_method_names_are_spelled_only_in_the_generated_header():
+    """C and C++ look methods up through params.h; a method-name literal elsewhere is a hand copy."""
+    from iwp.plugins.visual_token_select.contract import METHOD_IDS
+
+    literals = {f'"{name}"' for name in METHOD_IDS}
+    found = {}
+    for path in sorted(FOLDER.glob("*")):
+        if path.suffix not in (".cpp", ".h", ".cu", ".cuh") or path.name == "params.h":
+            continue
+        hits = [n for n, line in enumerate(path.read_text().splitlines(), 1)
+                if any(lit in line.split("//")[0] for lit in literals)]
+        if hits:
+            found[path.name] = hits
+    assert not found, found

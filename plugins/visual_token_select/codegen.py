@@ -75,6 +75,10 @@ def render() -> str:
             doc += f" (position in {', '.join(contract.CHOICES[source])})"
         out.append(f"    {_C_TYPES[ctype]} {field}; // {doc}")
     out += ["};", "", "namespace iwp", "{", "namespace vts", "{", ""]
+    out += ["// The node's identity: how TensorRT's ONNX parser finds the plugin.",
+            f"inline constexpr char const* kOpType = {_literal(contract.OP_TYPE)};",
+            f"inline constexpr char const* kPluginVersion = {_literal(contract.PLUGIN_VERSION)};",
+            f"inline constexpr char const* kPluginNamespace = {_literal(contract.PLUGIN_NAMESPACE)};", ""]
     out += ["enum class AttributeType : int32_t", "{", "    kInt,   // TensorRT kINT32", "    kFloat, // kFLOAT32",
             "    kText,  // kCHAR", "};", "",
             "enum class ParamType : int32_t", "{", "    kNone, // not a kernel parameter", "    kInt32,",

@@ -58,6 +58,73 @@ struct Sample
     }
 };
 
+// Integer hash of (index, seed) as baselines.hash_scores computes it with torch's wrapping int64 ops.
+float hashScore(int64_t i, int64_t seed)
+{
+    int64_t x = i + seed * 7919;
+    for (int round = 0; round < 2; ++round)
+    {
+        auto const wrapped = static_cast<int64_t>(static_cast<uint64_t>(x) * 1103515245ULL + 12345ULL);
+        x = wrapped % 2147483648LL;
+        x = x < 0 ? x + 2147483648LL : x; // floor modulo, as torch's %
+        x = x ^ (x / 65536);
+    }
+    return static_cast<float>(x % (1LL << 24));
+}
+
+// max(rankable(x), 0) / sum: TransPrune's normalization of a score row.
+std::vector<float> sumNormalized(std::vector<float> x)
+{
+    double total = 0;
+    for (float& v : x)
+    {
+        v = std::max(rankable(v), 0.0F);
+        total += v;
+    }
+    for (float& v : x)
+    {
+        v = static_cast<float>(v / std::max(total, 1e-30));
+    }
+    return x;
+}
+
+// BTP's rebalancing: remove the least-squares linear trend of log-attention along the token order.
+std::vector<float> rebalanced(std::vector<float> const& attn)
+{
+    int64_t const n = static_cast<int64_t>(attn.size());
+    if (n <= 2) // a line through every point: exactly uniform
+    {
+        return std::vector<float>(n, 1.0F / static_cast<float>(n));
+    }
+    std::vector<double> logA(n), t(n);
+    double cov = 0, var = 0;
+    for (int64_t i = 0; i < n; ++i)
+    {
+        logA[i] = std::log(std::max(static_cast<double>(attn[i]), 1e-30));
+        t[i] = -1.0 + 2.0 * i / (n - 1);
+        cov += logA[i] * t[i];
+        var += t[i] * t[i];
+    }
+    double const slope = cov / var;
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < n; ++i)
+    {
+        logA[i] -= slope * t[i];
+        top = std::max(top, logA[i]);
+    }
+    double total = 0;
+    for (double v : logA)
+    {
+        total += std::exp(v - top);
+    }
+    std::vector<float> out(n);
+    for (int64_t i = 0; i < n; ++i)
+    {
+        out[i] = static_cast<float>(std::exp(logA[i] - top) / total);
+    }
+    return out;
+}
+
 std::vector<int64_t> selectIwp(Sample const& s)
 {
     std::vector<double> vnorm(s.p.kvHeads * s.n);

@@ -396,24 +396,6 @@ double UpdateCosine::exponent(int64_t h, int64_t i, int64_t c, double cross) con
     return -0.5 * dist2 + mLogW[h * mN + i] + mLogW[h * mN + c]; // <= 0
 }
 
-float UpdateCosine::operator()(int64_t i, int64_t c) const
-{
-    double s = 0;
-    for (int64_t h = 0; h < mHeads; ++h)
-    {
-        double cross = 0, vcos = 0;
-        for (int64_t e = 0; e < mDim; ++e)
-        {
-            cross += mA[h].at(c, e) * mA[h].at(i, e);
-            vcos += mVUnit[h].at(c, e) * mVUnit[h].at(i, e);
-        }
-        double e = exponent(h, i, c, cross);
-        expInPlace(&e, 1);
-        s += vcos * e;
-    }
-    return cleanSimilarity(static_cast<float>(s));
-}
-
 namespace
 {
 
@@ -530,16 +512,6 @@ HiddenCosine::HiddenCosine(float const* hidden, int64_t tokens, int64_t width, i
     });
 }
 
-float HiddenCosine::operator()(int64_t i, int64_t c) const
-{
-    double s = 0;
-    for (int64_t e = 0; e < mUnit.dim(); ++e)
-    {
-        s += mUnit.at(c, e) * mUnit.at(i, e);
-    }
-    return static_cast<float>(s);
-}
-
 void HiddenCosine::evaluate(Panels const& unit, std::vector<int64_t> const& cols, bool byRow, std::vector<float>& out) const
 {
     int64_t const nc = static_cast<int64_t>(cols.size()), rows = unit.rows(), width = unit.dim();
@@ -623,70 +595,6 @@ void GridDistance::columns(std::vector<int64_t> const& cols, std::vector<float>&
             out[j * mN + i] = (*this)(i, cols[j]);
         }
     }
-}
-
-float hashScore(int64_t i, int64_t seed)
-{
-    int64_t x = i + seed * 7919;
-    for (int round = 0; round < 2; ++round)
-    {
-        auto const wrapped = static_cast<int64_t>(static_cast<uint64_t>(x) * 1103515245ULL + 12345ULL);
-        x = wrapped % 2147483648LL;
-        x = x < 0 ? x + 2147483648LL : x; // floor modulo, as torch's %
-        x = x ^ (x / 65536);
-    }
-    return static_cast<float>(x % (1LL << 24));
-}
-
-std::vector<float> sumNormalized(std::vector<float> x)
-{
-    double total = 0;
-    for (float& v : x)
-    {
-        v = std::max(rankable(v), 0.0F);
-        total += v;
-    }
-    for (float& v : x)
-    {
-        v = static_cast<float>(v / std::max(total, 1e-30));
-    }
-    return x;
-}
-
-std::vector<float> rebalanced(std::vector<float> const& attn)
-{
-    int64_t const n = static_cast<int64_t>(attn.size());
-    if (n <= 2) // a line through every point: exactly uniform
-    {
-        return std::vector<float>(n, 1.0F / static_cast<float>(n));
-    }
-    std::vector<double> logA(n), t(n);
-    double cov = 0, var = 0;
-    for (int64_t i = 0; i < n; ++i)
-    {
-        logA[i] = std::log(std::max(static_cast<double>(attn[i]), 1e-30));
-        t[i] = -1.0 + 2.0 * i / (n - 1);
-        cov += logA[i] * t[i];
-        var += t[i] * t[i];
-    }
-    double const slope = cov / var;
-    double top = -std::numeric_limits<double>::infinity();
-    for (int64_t i = 0; i < n; ++i)
-    {
-        logA[i] -= slope * t[i];
-        top = std::max(top, logA[i]);
-    }
-    double total = 0;
-    for (double v : logA)
-    {
-        total += std::exp(v - top);
-    }
-    std::vector<float> out(n);
-    for (int64_t i = 0; i < n; ++i)
-    {
-        out[i] = static_cast<float>(std::exp(logA[i] - top) / total);
-    }
-    return out;
 }
 
 } // namespace cpu

@@ -1,11 +1,11 @@
 // The CPU kernel's building blocks (cpu.cpp composes them into the methods): ranking, the worker threads,
-// packed panels, attention means, the two similarities and the methods' small score transforms.
+// packed panels, the vector exp, attention means and the similarities PCMMR runs over.
 //
 // Speed without giving up the reference's numbers: every dot product multiplies floats exactly in double and
 // sums over the vector in ascending order, from 0, whichever code path asks for it. The fast paths only change
 // *which* dot products run together: eight rows at a time from a packed panel [rows/8][dim][8], so the compiler
 // vectorizes across rows (SSE2 at -O3, AVX2 through a second clone where the CPU has it) while each row's sum
-// keeps its order. A similarity asked for one pair and for a whole column is therefore the same double.
+// keeps its order. A similarity computed in a pool block and in a whole column is therefore the same double.
 #pragma once
 
 #include <cmath>
@@ -117,7 +117,6 @@ class UpdateCosine
 {
 public:
     UpdateCosine(Heads const& kRot, Heads const& v, int64_t b, int64_t start, int64_t n);
-    float operator()(int64_t i, int64_t c) const;
     // out[j·n + i] = S[i, cols[j]] for every token i
     void columns(std::vector<int64_t> const& cols, std::vector<float>& out) const;
     // out[r·|cols| + j] = S[rows[r], cols[j]]
@@ -138,7 +137,6 @@ class HiddenCosine
 {
 public:
     HiddenCosine(float const* hidden, int64_t tokens, int64_t width, int64_t b, int64_t start, int64_t n);
-    float operator()(int64_t i, int64_t c) const;
     void columns(std::vector<int64_t> const& cols, std::vector<float>& out) const;
     void block(std::vector<int64_t> const& rows, std::vector<int64_t> const& cols, std::vector<float>& out) const;
     // Σ_e unit[i][e]·x[e] for every row i, in the same order as a pair's cosine
@@ -172,15 +170,6 @@ private:
     float const* mXy;
     int64_t mN;
 };
-
-// Integer hash of (index, seed) as baselines.hash_scores computes it with torch's wrapping int64 ops.
-float hashScore(int64_t i, int64_t seed);
-
-// max(rankable(x), 0) / sum: TransPrune's normalization of a score row.
-std::vector<float> sumNormalized(std::vector<float> x);
-
-// BTP's rebalancing: remove the least-squares linear trend of log-attention along the token order.
-std::vector<float> rebalanced(std::vector<float> const& attn);
 
 } // namespace cpu
 } // namespace iwp

@@ -1,6 +1,6 @@
 // PCMMR on the CPU, as pcmmr.py: a pool of 2c candidates per step, c of them added by exact greedy MMR.
 // Generic over the similarity: `sim.block(rows, cols, out)` fills S[rows, cols] and `sim.columns(cols, out)`
-// S[:, cols], the same numbers `sim(i, c)` gives one pair; a NaN similarity counts as 0.
+// S[:, cols], the same number for the same pair either way; a NaN similarity counts as 0.
 #pragma once
 
 #include "cpu_ops.h"

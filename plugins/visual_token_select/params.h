@@ -84,6 +84,11 @@ namespace iwp
 namespace vts
 {
 
+// The node's identity: how TensorRT's ONNX parser finds the plugin.
+inline constexpr char const* kOpType = "VisualTokenSelect";
+inline constexpr char const* kPluginVersion = "1";
+inline constexpr char const* kPluginNamespace = "iwp";
+
 enum class AttributeType : int32_t
 {
     kInt,   // TensorRT kINT32

@@ -18,9 +18,9 @@ namespace iwp
 namespace
 {
 
-char const* const kPluginName = "VisualTokenSelect"; // contract.OP_TYPE
-char const* const kPluginVersion = "1";              // contract.PLUGIN_VERSION
-char const* const kPluginNamespace = "iwp";          // contract.PLUGIN_NAMESPACE
+using vts::kPluginNamespace; // contract.py, through params.h
+using vts::kPluginVersion;
+char const* const kPluginName = vts::kOpType;
 constexpr int32_t kNumInputs = kIwpVtsNumInputs;
 
 void report(std::string const& where, std::string const& message)
@@ -511,7 +511,8 @@ REGISTER_TENSORRT_PLUGIN(VisualTokenSelectCreator);
 // What this library is, for loaders that check before use (iwp's engine builder does).
 extern "C" char const* iwpPluginInfo()
 {
-    static std::string const info = "VisualTokenSelect 1 iwp; TensorRT " + std::to_string(NV_TENSORRT_MAJOR) + "."
+    static std::string const info = std::string(iwp::vts::kOpType) + " " + iwp::vts::kPluginVersion + " "
+        + iwp::vts::kPluginNamespace + "; TensorRT " + std::to_string(NV_TENSORRT_MAJOR) + "."
         + std::to_string(NV_TENSORRT_MINOR) + "." + std::to_string(NV_TENSORRT_PATCH) + "; kernel ABI "
         + std::to_string(IWP_VTS_ABI_VERSION);
     return info.c_str();
