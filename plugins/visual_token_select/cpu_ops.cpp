@@ -29,6 +29,12 @@ std::vector<int64_t> topKSorted(std::vector<float> score, int64_t k)
     return out;
 }
 
+int64_t grainFor(int64_t workPerItem)
+{
+    constexpr int64_t kWorkPerWorker = int64_t{1} << 18; // ~0.1 ms of multiply-adds: several thread starts
+    return std::max<int64_t>(1, (kWorkPerWorker + workPerItem - 1) / std::max<int64_t>(1, workPerItem));
+}
+
 void parallelFor(int64_t n, int64_t grain, std::function<void(int64_t, int64_t)> const& body)
 {
     static int64_t const workers = std::max<int64_t>(1, std::thread::hardware_concurrency());
@@ -248,8 +254,7 @@ std::vector<float> attentionMean(Heads const& q, Heads const& k, double const* v
     }
     int64_t const tPad = (t + kLanes - 1) / kLanes * kLanes;
     std::vector<double> partial(q.heads * n, 0.0); // per query head, summed over heads in order below
-    int64_t const grain = nRows * t * d >= 50000 ? 1 : q.heads;
-    parallelFor(q.heads, grain, [&](int64_t h0, int64_t h1) {
+    parallelFor(q.heads, grainFor(nRows * t * d), [&](int64_t h0, int64_t h1) {
         std::vector<double> logits(nRows * tPad), query(nRows * d);
         std::vector<double const*> xs(nRows);
         std::vector<double*> outs(nRows);
@@ -336,7 +341,7 @@ UpdateCosine::UpdateCosine(Heads const& kRot, Heads const& v, int64_t b, int64_t
 {
     double const quarter = std::pow(static_cast<double>(mDim), 0.25);
     std::vector<double> logSelf(mHeads * n);
-    parallelFor(mHeads, n * mDim >= 20000 ? 1 : mHeads, [&](int64_t h0, int64_t h1) {
+    parallelFor(mHeads, grainFor(8 * n * mDim), [&](int64_t h0, int64_t h1) {
         for (int64_t h = h0; h < h1; ++h) // heads are independent
         {
             Panels& a = mA[h] = Panels(n, mDim);
@@ -442,8 +447,7 @@ void UpdateCosine::evaluate(std::vector<Panels> const& a, std::vector<Panels> co
             vRows[h * nc + j] = colV[h * nc + j].data();
         }
     }
-    int64_t const grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nc * mHeads * mDim));
-    parallelFor(a[0].panels(), grain, [&](int64_t p0, int64_t p1) {
+    parallelFor(a[0].panels(), grainFor(2 * kLanes * nc * mHeads * mDim), [&](int64_t p0, int64_t p1) {
         std::vector<double> cross(nc * kLanes), vcos(nc * kLanes), s(nc * kLanes), e(nc * kLanes);
         std::vector<double*> crossOut(nc), vcosOut(nc);
         for (int64_t j = 0; j < nc; ++j)
@@ -499,7 +503,7 @@ HiddenCosine::HiddenCosine(float const* hidden, int64_t tokens, int64_t width, i
     : mUnit(n, width)
 {
     // rows write disjoint lanes of the panels
-    parallelFor(n, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width)), [&](int64_t i0, int64_t i1) {
+    parallelFor(n, grainFor(3 * width), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i)
         {
             float const* row = hidden + (b * tokens + start + i) * width;
@@ -523,7 +527,7 @@ void HiddenCosine::evaluate(Panels const& unit, std::vector<int64_t> const& cols
         colRows[j] = mUnit.row(cols[j]);
         xs[j] = colRows[j].data();
     }
-    parallelFor(unit.panels(), std::max<int64_t>(1, 4096 / std::max<int64_t>(1, nc * width)), [&](int64_t p0, int64_t p1) {
+    parallelFor(unit.panels(), grainFor(kLanes * nc * width), [&](int64_t p0, int64_t p1) {
         std::vector<double> acc(nc * kLanes);
         std::vector<double*> outs(nc);
         for (int64_t j = 0; j < nc; ++j)

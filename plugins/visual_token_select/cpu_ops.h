@@ -52,6 +52,9 @@ std::vector<int64_t> topKSorted(std::vector<float> score, int64_t k);
 // (std::thread::hardware_concurrency), the calling thread taking the first. Inline when n < 2·grain.
 void parallelFor(int64_t n, int64_t grain, std::function<void(int64_t, int64_t)> const& body);
 
+// The items a worker must get before another thread is worth starting, for items of this many operations.
+int64_t grainFor(int64_t workPerItem);
+
 // Strided views of the contiguous [B, H, T, d] inputs.
 struct Heads
 {
