@@ -22,6 +22,17 @@ def test_schema_attributes_come_from_the_contract():
     assert [p.name for p in schema().inputs] == list(contract.INPUTS)
 
 
+def test_schema_input_types_are_the_contracts_dtypes():
+    onnx_names = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+                  "int32": "tensor(int32)", "int64": "tensor(int64)"}
+    s = schema()
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in s.type_constraints}
+    for param in s.inputs:
+        assert allowed[param.type_str] == {onnx_names[d] for d in contract.INPUT_DTYPES[param.name]}, param.name
+    assert allowed[s.outputs[0].type_str] == {onnx_names[contract.OUTPUT_DTYPE]}
+    assert set(contract.INPUT_DTYPES) == set(contract.INPUTS)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_node_attributes_round_trip_to_the_same_method(name):
     method = make_method(name)
