@@ -30,7 +30,7 @@ NVCC    := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>
 
 RUNTIME_BUILD := build/runtime
 
-.PHONY: engine test test-slow test-gpu compare compare-trt profile bench-select bench-cuda plugins runtime clean \
+.PHONY: engine test test-slow test-gpu compare compare-trt profile bench-select bench-cuda plugins kernels-cpu runtime clean \
 	train calibrate eval bench
 
 # nlohmann/json (header-only) reads manifests in the runtime core, which the venv's `_core` extension compiles:
@@ -43,7 +43,7 @@ $(NLOHMANN):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nlohmann-json3-dev
 
 # torch==2.13.0 goes in first: here pip takes the local CPU wheel, on a GPU machine its own build.
-$(STAMP): pyproject.toml setup.py plugins/visual_token_select/cpu.cpp $(wildcard runtime/core/*.cpp runtime/core/*.h) \
+$(STAMP): pyproject.toml setup.py $(wildcard plugins/visual_token_select/*.cpp plugins/visual_token_select/*.h) $(wildcard runtime/core/*.cpp runtime/core/*.h) \
 		| $(NLOHMANN)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -69,6 +69,26 @@ else
 		|| echo "iwp: TensorRT not found (set TENSORRT_ROOT): skipped the TensorRT plugin; built the CUDA kernels"
 endif
 
+# The CUDA kernels on the CPU, through HIP-CPU (header-only; HIP_CPU_ROOT names a fetched copy outside the
+# repo, e.g. git archive of github.com/ROCm/HIP-CPU; needs libtbb-dev): the parity tests run against this
+# library without a GPU. Without HIP_CPU_ROOT the target says so in one line and succeeds, so `make test`
+# can depend on it; those tests then skip, saying why.
+HIP_CPU_ROOT ?=
+KERNELS_CPU := build/kernels-cpu/libiwp_vts_kernels_cpu.so
+VTS := plugins/visual_token_select
+
+kernels-cpu:
+ifeq ($(HIP_CPU_ROOT),)
+	@echo "iwp: HIP_CPU_ROOT is not set: skipping the CPU build of the CUDA kernels (set it to a HIP-CPU copy's root)"
+else
+	@$(MAKE) --no-print-directory $(KERNELS_CPU)
+
+$(KERNELS_CPU): $(wildcard $(VTS)/kernel*.cu $(VTS)/kernel*.cuh $(addprefix $(VTS)/,kernel.h params.h plan.h gpu.h plan.cpp))
+	@mkdir -p $(@D)
+	g++ -std=c++17 -O2 -ffp-contract=off -fPIC -shared -DIWP_HIP_CPU -isystem $(HIP_CPU_ROOT)/include -I$(VTS) \
+		-x c++ $(VTS)/kernel.cu -x c++ $(VTS)/plan.cpp -ltbb -pthread -o $@
+endif
+
 # The C++ runtime core (static library, its tests, and the example app where TensorRT is found).
 runtime: $(STAMP)
 	@mkdir -p build
@@ -77,7 +97,7 @@ runtime: $(STAMP)
 	$(VENV)/bin/cmake --build $(RUNTIME_BUILD) -j2
 	@grep -o 'iwp: .*' $(RUNTIME_BUILD).log || true
 
-test: $(STAMP) plugins runtime
+test: $(STAMP) plugins kernels-cpu runtime
 	$(RUNTIME_BUILD)/test_runtime_core
 	$(PY) -m pytest -q -m "not slow and not gpu"
 

@@ -12,9 +12,8 @@
 // Every reduction has a fixed order, so results do not depend on scheduling. Float atomics are never used.
 #include "kernel.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "gpu.h"
+#include "plan.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -27,11 +26,16 @@
 namespace
 {
 
+using iwp::vts::btpLambda;
+using iwp::vts::btpSeedCount;
+using iwp::vts::chunkSchedule;
+using iwp::vts::validate;
+
 constexpr int kSelectThreads = 1024; // one block per sample for selections
 constexpr int kSimCols = 8;          // tokens compared per pass of the similarity kernels
 constexpr int kSimDimChunk = 256;    // feature dims staged in shared memory at a time
 constexpr int kColumnSlices = 16;    // row slices of the column means (then summed in order)
-constexpr int kMaxHeadDim = 256;
+using iwp::vts::kMaxHeadDim; // the shared-memory tiles' bound, which validation enforces
 constexpr double kEps = 1e-12;
 
 enum SimKind : int
@@ -47,11 +51,11 @@ __device__ __forceinline__ float toFloat(float x)
 {
     return x;
 }
-__device__ __forceinline__ float toFloat(__half x)
+__device__ __forceinline__ float toFloat(IwpHalf x)
 {
     return __half2float(x);
 }
-__device__ __forceinline__ float toFloat(__nv_bfloat16 x)
+__device__ __forceinline__ float toFloat(IwpBFloat16 x)
 {
     return __bfloat162float(x);
 }
@@ -534,14 +538,12 @@ __global__ void inverseNormKernel(T const* hidden, int64_t const* visualStart, f
 {
     int64_t const token = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
     int const lane = threadIdx.x & 31;
-    if (token >= batch * visual)
-    {
-        return;
-    }
-    int64_t const b = token / visual, i = token % visual;
+    // no early return: every lane of the block reaches the shuffles (HIP-CPU runs them as block barriers)
+    bool const active = token < batch * visual;
+    int64_t const b = active ? token / visual : 0, i = active ? token % visual : 0;
     T const* row = hidden + (b * tokens + visualStart[b] + i) * width;
     float sum = 0.0F;
-    for (int64_t e = lane; e < width; e += 32)
+    for (int64_t e = lane; active && e < width; e += 32)
     {
         float const x = toFloat(row[e]);
         sum += x * x;
@@ -550,7 +552,7 @@ __global__ void inverseNormKernel(T const* hidden, int64_t const* visualStart, f
     {
         sum += __shfl_down_sync(0xFFFFFFFFU, sum, offset);
     }
-    if (lane == 0)
+    if (active && lane == 0)
     {
         inverse[token] = 1.0F / fmaxf(sqrtf(sum), static_cast<float>(kEps));
     }
@@ -793,7 +795,7 @@ __global__ void __launch_bounds__(kSelectThreads) pcmmrPoolKernel(PcmmrState st,
 __global__ void pcmmrGreedyKernel(PcmmrState st, int64_t visual, int64_t keep, int64_t pool, int64_t maxPool,
     int64_t count, int64_t done, bool hasSim, float lam, float rest)
 {
-    extern __shared__ float inner[]; // [pool], then picked flags
+    IWP_DYNAMIC_SHARED(float, inner); // [pool], then picked flags
     uint8_t* picked = reinterpret_cast<uint8_t*>(inner + pool);
     __shared__ unsigned long long reduce[32];
     int64_t const b = blockIdx.x;
@@ -902,17 +904,15 @@ __global__ void keyNormKernel(T const* k, int64_t const* visualStart, float* sco
 {
     int64_t const token = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
     int const lane = threadIdx.x & 31;
-    if (token >= batch * visual)
-    {
-        return;
-    }
-    int64_t const b = token / visual, i = token % visual;
+    // no early return: every lane of the block reaches the shuffles (HIP-CPU runs them as block barriers)
+    bool const active = token < batch * visual;
+    int64_t const b = active ? token / visual : 0, i = active ? token % visual : 0;
     float total = 0.0F;
     for (int64_t g = 0; g < kvHeads; ++g)
     {
         T const* row = k + ((b * kvHeads + g) * tokens + visualStart[b] + i) * dim;
         float sum = 0.0F;
-        for (int64_t e = lane; e < dim; e += 32)
+        for (int64_t e = lane; active && e < dim; e += 32)
         {
             float const x = toFloat(row[e]);
             sum += x * x;
@@ -923,7 +923,7 @@ __global__ void keyNormKernel(T const* k, int64_t const* visualStart, float* sco
         }
         total += sqrtf(sum);
     }
-    if (lane == 0)
+    if (active && lane == 0)
     {
         scores[token] = total / static_cast<float>(kvHeads);
     }
@@ -1064,31 +1064,6 @@ __global__ void rankableKernel(float* x, int64_t size)
 int64_t blocksFor(int64_t work, int64_t threads)
 {
     return (work + threads - 1) / threads;
-}
-
-// The PCMMR chunk sizes, rounded as Python's round() (half to even under the default rounding mode).
-std::vector<int64_t> chunkSchedule(int64_t k, int64_t chunk, double growth)
-{
-    std::vector<int64_t> sizes;
-    for (int64_t step = 0, total = 0; total < k; ++step)
-    {
-        int64_t c = std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(chunk * std::pow(growth, step))));
-        c = std::min<int64_t>(k - total, c);
-        sizes.push_back(c);
-        total += c;
-    }
-    return sizes;
-}
-
-int64_t btpSeedCount(IwpVtsParams const& p)
-{
-    return std::min<int64_t>(p.keep, std::max<int64_t>(1, static_cast<int64_t>(std::nearbyint(p.seedFraction * p.keep))));
-}
-
-double btpLambda(IwpVtsParams const& p)
-{
-    return p.nStages == 1 ? p.attentionLast
-                          : p.attentionFirst + (p.attentionLast - p.attentionFirst) * p.stage / static_cast<double>(p.nStages - 1);
 }
 
 // The largest pool any PCMMR run of this method uses (2c capped by the tokens left).
@@ -1234,19 +1209,19 @@ public:
             topSorted(scoreA, p.keep, out);
             break;
         case kIwpVtsRandom:
-            hashScoreKernel<<<blocksFor(bn, 256), 256, 0, stream>>>(scoreA, p.batch, n, p.seed);
+            IWP_LAUNCH(hashScoreKernel, blocksFor(bn, 256), 256, 0, stream, scoreA, p.batch, n, p.seed);
             topSorted(scoreA, p.keep, out);
             break;
         case kIwpVtsDart:
         {
             int64_t const nPivots = std::min(p.pivots, p.keep);
             int32_t* pivots = at<int32_t>(ws, layout.aux);
-            keyNormKernel<T><<<blocksFor(bn * 32, 256), 256, 0, stream>>>(k, visualStart, scoreA, p.batch, p.kvHeads,
+            IWP_LAUNCH(keyNormKernel<T>, blocksFor(bn * 32, 256), 256, 0, stream, k, visualStart, scoreA, p.batch, p.kvHeads,
                 p.tokens, p.headDim, n);
-            topSortedKernel<int32_t><<<p.batch, kSelectThreads, 0, stream>>>(scoreA, at<uint32_t>(ws, layout.keys),
+            IWP_LAUNCH(topSortedKernel<int32_t>, p.batch, kSelectThreads, 0, stream, scoreA, at<uint32_t>(ws, layout.keys),
                 pivots, n, nPivots);
             unitRows();
-            dartScoreKernel<<<blocksFor(bn, 256), 256, 0, stream>>>(at<float>(ws, layout.unit), pivots, nPivots,
+            IWP_LAUNCH(dartScoreKernel, blocksFor(bn, 256), 256, 0, stream, at<float>(ws, layout.unit), pivots, nPivots,
                 scoreB, p.batch, p.width, n);
             topSorted(scoreB, p.keep, out);
             break;
@@ -1255,7 +1230,7 @@ public:
         {
             unitRows();
             columnMean(hidden, 1, p.tokens, p.width, 1.0F);
-            atypicalKernel<<<blocksFor(bn, 256), 256, 0, stream>>>(at<float>(ws, layout.unit),
+            IWP_LAUNCH(atypicalKernel, blocksFor(bn, 256), 256, 0, stream, at<float>(ws, layout.unit),
                 at<float>(ws, layout.mean), scoreA, p.batch, p.width, n);
             pcmmr(scoreA, hiddenSim(), p.keep, 0.0, 1, 1.0, nullptr, 0, out, nullptr);
             break;
@@ -1263,9 +1238,9 @@ public:
         case kIwpVtsTransPrune:
         {
             attentionMass(qRot, kRot, false, nullptr, scoreA);
-            sumNormalizeKernel<<<p.batch, 256, 0, stream>>>(scoreA, scoreA, n);
-            sumNormalizeKernel<<<p.batch, 256, 0, stream>>>(ttv, scoreB, n);
-            mixKernel<<<blocksFor(bn, 256), 256, 0, stream>>>(scoreB, scoreA, scoreA, bn, static_cast<float>(p.alpha),
+            IWP_LAUNCH(sumNormalizeKernel, p.batch, 256, 0, stream, scoreA, scoreA, n);
+            IWP_LAUNCH(sumNormalizeKernel, p.batch, 256, 0, stream, ttv, scoreB, n);
+            IWP_LAUNCH(mixKernel, blocksFor(bn, 256), 256, 0, stream, scoreB, scoreA, scoreA, bn, static_cast<float>(p.alpha),
                 static_cast<float>(1.0 - p.alpha));
             topSorted(scoreA, p.keep, out);
             break;
@@ -1275,11 +1250,11 @@ public:
             attentionMass(qRot, kRot, false, nullptr, scoreA);
             if (p.rebalance)
             {
-                rebalanceKernel<<<p.batch, 256, 0, stream>>>(scoreA, n); // ends rankable
+                IWP_LAUNCH(rebalanceKernel, p.batch, 256, 0, stream, scoreA, n); // ends rankable
             }
             else
             {
-                rankableKernel<<<blocksFor(bn, 256), 256, 0, stream>>>(scoreA, bn);
+                IWP_LAUNCH(rankableKernel, blocksFor(bn, 256), 256, 0, stream, scoreA, bn);
             }
             int64_t const nSeed = btpSeedCount(p);
             int32_t* seed = at<int32_t>(ws, layout.aux);
@@ -1310,9 +1285,9 @@ private:
         int64_t const m = p.batch * perSample;
         float* partial = at<float>(ws, layout.partial);
         dim3 const grid(static_cast<unsigned>(m), static_cast<unsigned>(blocksFor(cols, 32)), kColumnSlices);
-        columnSumKernel<T><<<grid, dim3(32, 8), 0, stream>>>(matrices, visualStart, partial, perSample, rows, cols,
+        IWP_LAUNCH(columnSumKernel<T>, grid, dim3(32, 8), 0, stream, matrices, visualStart, partial, perSample, rows, cols,
             p.visual);
-        columnMeanKernel<<<blocksFor(m * cols, 256), 256, 0, stream>>>(partial, at<float>(ws, layout.mean), m, cols,
+        IWP_LAUNCH(columnMeanKernel, blocksFor(m * cols, 256), 256, 0, stream, partial, at<float>(ws, layout.mean), m, cols,
             p.visual, scale);
     }
 
@@ -1323,10 +1298,10 @@ private:
         columnMean(kRot, p.kvHeads, p.tokens, p.headDim, 1.0F / quarter);
         dim3 const grid(static_cast<unsigned>(blocksFor(n, 16)), static_cast<unsigned>(p.kvHeads),
             static_cast<unsigned>(p.batch));
-        updateFeaturesKernel<T><<<grid, dim3(32, 8), 0, stream>>>(kRot, v, visualStart, at<float>(ws, layout.mean),
+        IWP_LAUNCH(updateFeaturesKernel<T>, grid, dim3(32, 8), 0, stream, kRot, v, visualStart, at<float>(ws, layout.mean),
             at<float>(ws, layout.featA), at<float>(ws, layout.featV), at<float>(ws, layout.sq),
             at<float>(ws, layout.logW), at<float>(ws, layout.logVnorm), p.kvHeads, p.tokens, p.headDim, n);
-        headWeightsKernel<<<blocksFor(p.batch * n, 256), 256, 0, stream>>>(at<float>(ws, layout.logW), p.batch,
+        IWP_LAUNCH(headWeightsKernel, blocksFor(p.batch * n, 256), 256, 0, stream, at<float>(ws, layout.logW), p.batch,
             p.kvHeads, n);
     }
 
@@ -1334,11 +1309,11 @@ private:
     {
         int64_t const n = p.visual;
         float* inverse = at<float>(ws, layout.inverse);
-        inverseNormKernel<T><<<blocksFor(p.batch * n * 32, 256), 256, 0, stream>>>(hidden, visualStart, inverse,
+        IWP_LAUNCH(inverseNormKernel<T>, blocksFor(p.batch * n * 32, 256), 256, 0, stream, hidden, visualStart, inverse,
             p.batch, p.tokens, p.width, n);
         dim3 const grid(static_cast<unsigned>(blocksFor(n, 32)), static_cast<unsigned>(blocksFor(p.width, 32)),
             static_cast<unsigned>(p.batch));
-        unitRowsKernel<T><<<grid, dim3(32, 8), 0, stream>>>(hidden, visualStart, inverse, at<float>(ws, layout.unit),
+        IWP_LAUNCH(unitRowsKernel<T>, grid, dim3(32, 8), 0, stream, hidden, visualStart, inverse, at<float>(ws, layout.unit),
             p.tokens, p.width, n);
     }
 
@@ -1349,31 +1324,22 @@ private:
         float* lse = at<float>(ws, layout.lse);
         dim3 const grid(static_cast<unsigned>(blocksFor(p.tokens, 128)), static_cast<unsigned>(p.queryHeads),
             static_cast<unsigned>(p.batch));
-        if (set.count == 1)
-        {
-            attentionLogitsKernel<T, 1><<<grid, 128, 0, stream>>>(queries, keys, keyMask, set, logits, p.queryHeads,
-                p.kvHeads, p.tokens, p.headDim);
-        }
-        else if (set.count <= 8)
-        {
-            attentionLogitsKernel<T, 8><<<grid, 128, 0, stream>>>(queries, keys, keyMask, set, logits, p.queryHeads,
-                p.kvHeads, p.tokens, p.headDim);
-        }
-        else
-        {
-            attentionLogitsKernel<T, 16><<<grid, 128, 0, stream>>>(queries, keys, keyMask, set, logits, p.queryHeads,
-                p.kvHeads, p.tokens, p.headDim);
-        }
-        rowLogSumExpKernel<<<static_cast<unsigned>(p.batch * p.queryHeads * set.count), 256, 0, stream>>>(logits, lse,
+        // rows staged per pass: one for the last token, else 8 or 16 (a pointer: the name has a comma)
+        auto const logitsKernel = set.count == 1 ? attentionLogitsKernel<T, 1>
+            : set.count <= 8                     ? attentionLogitsKernel<T, 8>
+                                                 : attentionLogitsKernel<T, 16>;
+        IWP_LAUNCH(logitsKernel, grid, 128, 0, stream, queries, keys, keyMask, set, logits, p.queryHeads, p.kvHeads,
+            p.tokens, p.headDim);
+        IWP_LAUNCH(rowLogSumExpKernel, static_cast<unsigned>(p.batch * p.queryHeads * set.count), 256, 0, stream, logits, lse,
             p.tokens);
         dim3 const massGrid(static_cast<unsigned>(blocksFor(p.visual, 256)), static_cast<unsigned>(p.batch));
-        attentionMassKernel<<<massGrid, 256, 0, stream>>>(logits, lse, set, visualStart, logVnorm, out, p.queryHeads,
+        IWP_LAUNCH(attentionMassKernel, massGrid, 256, 0, stream, logits, lse, set, visualStart, logVnorm, out, p.queryHeads,
             p.kvHeads, p.tokens, p.visual);
     }
 
     void topSorted(float const* scores, int64_t keep, int64_t* out)
     {
-        topSortedKernel<int64_t><<<p.batch, kSelectThreads, 0, stream>>>(scores, at<uint32_t>(ws, layout.keys), out,
+        IWP_LAUNCH(topSortedKernel<int64_t>, p.batch, kSelectThreads, 0, stream, scores, at<uint32_t>(ws, layout.keys), out,
             p.visual, keep);
     }
 
@@ -1391,7 +1357,7 @@ private:
             }
             else
             {
-                topSortedKernel<int32_t><<<p.batch, kSelectThreads, 0, stream>>>(raw, at<uint32_t>(ws, layout.keys),
+                IWP_LAUNCH(topSortedKernel<int32_t>, p.batch, kSelectThreads, 0, stream, raw, at<uint32_t>(ws, layout.keys),
                     out32, n, keep);
             }
             return;
@@ -1400,35 +1366,35 @@ private:
             at<float>(ws, layout.maxSim), at<uint32_t>(ws, layout.keys), at<int32_t>(ws, layout.chosen),
             at<int32_t>(ws, layout.cand), at<float>(ws, layout.intra)};
         float const lamF = static_cast<float>(lam), rest = static_cast<float>(1.0 - lam);
-        pcmmrInitKernel<<<p.batch, 256, 0, stream>>>(raw, st, n);
+        IWP_LAUNCH(pcmmrInitKernel, p.batch, 256, 0, stream, raw, st, n);
         int64_t done = 0;
         dim3 const rowGrid(static_cast<unsigned>(blocksFor(n, 128)), static_cast<unsigned>(p.batch));
         if (seed)
         {
-            pcmmrSeedKernel<<<p.batch, 256, 0, stream>>>(seed, seeded, st, keep, n);
-            similarityKernel<1><<<rowGrid, 128, 0, stream>>>(sim, nullptr, n, 0, st.chosen, 0, seeded, keep, st.maxSim, 0);
+            IWP_LAUNCH(pcmmrSeedKernel, p.batch, 256, 0, stream, seed, seeded, st, keep, n);
+            IWP_LAUNCH(similarityKernel<1>, rowGrid, 128, 0, stream, sim, nullptr, n, 0, st.chosen, 0, seeded, keep, st.maxSim, 0);
             done = seeded;
         }
         for (int64_t c : chunkSchedule(keep - seeded, chunk, growth))
         {
             bool const hasSim = done > 0;
             int64_t const poolSize = std::min(2 * c, n - done);
-            pcmmrPoolKernel<<<p.batch, kSelectThreads, 0, stream>>>(st, n, poolSize, pool, hasSim, lamF, rest);
+            IWP_LAUNCH(pcmmrPoolKernel, p.batch, kSelectThreads, 0, stream, st, n, poolSize, pool, hasSim, lamF, rest);
             dim3 const poolGrid(static_cast<unsigned>(blocksFor(poolSize, 128)), static_cast<unsigned>(p.batch));
-            similarityKernel<0><<<poolGrid, 128, 0, stream>>>(sim, st.cand, poolSize, pool, st.cand, 0, poolSize, pool,
+            IWP_LAUNCH(similarityKernel<0>, poolGrid, 128, 0, stream, sim, st.cand, poolSize, pool, st.cand, 0, poolSize, pool,
                 st.intra, pool * pool);
             size_t const shared = poolSize * (sizeof(float) + 1);
-            pcmmrGreedyKernel<<<p.batch, 256, shared, stream>>>(st, n, keep, poolSize, pool, c, done, hasSim, lamF, rest);
-            similarityKernel<1><<<rowGrid, 128, 0, stream>>>(sim, nullptr, n, 0, st.chosen, done, c, keep, st.maxSim, 0);
+            IWP_LAUNCH(pcmmrGreedyKernel, p.batch, 256, shared, stream, st, n, keep, poolSize, pool, c, done, hasSim, lamF, rest);
+            IWP_LAUNCH(similarityKernel<1>, rowGrid, 128, 0, stream, sim, nullptr, n, 0, st.chosen, done, c, keep, st.maxSim, 0);
             done += c;
         }
         if (out)
         {
-            takenToIndicesKernel<int64_t><<<p.batch, kSelectThreads, 0, stream>>>(st.taken, out, n, keep);
+            IWP_LAUNCH(takenToIndicesKernel<int64_t>, p.batch, kSelectThreads, 0, stream, st.taken, out, n, keep);
         }
         else
         {
-            takenToIndicesKernel<int32_t><<<p.batch, kSelectThreads, 0, stream>>>(st.taken, out32, n, keep);
+            IWP_LAUNCH(takenToIndicesKernel<int32_t>, p.batch, kSelectThreads, 0, stream, st.taken, out32, n, keep);
         }
     }
 
@@ -1445,73 +1411,6 @@ private:
     float const* visualXy;
     float const* ttv;
 };
-
-char const* const kMethodNames[] = {"iwp", "fastv", "dart", "divprune", "random", "transprune", "btp"};
-
-std::string validate(IwpVtsParams const& p)
-{
-    auto inUnit = [](double x) { return x >= 0.0 && x <= 1.0; };
-    if (p.method < 0 || p.method > kIwpVtsBtp)
-    {
-        return "unknown method id " + std::to_string(p.method);
-    }
-    if (p.dtype < kIwpVtsFloat32 || p.dtype > kIwpVtsBFloat16)
-    {
-        return "activations must be float32, float16 or bfloat16";
-    }
-    if (p.batch < 1 || p.tokens < 1 || p.visual < 1 || p.queries < 1 || p.width < 1)
-    {
-        return "empty input: batch, tokens, visual tokens, query rows and width must all be >= 1";
-    }
-    if (p.keep < 1 || p.keep > p.visual)
-    {
-        return "keep=" + std::to_string(p.keep) + " must be in [1, N=" + std::to_string(p.visual)
-            + "]; export with a budget of at most the visual token count";
-    }
-    if (p.visual > p.tokens)
-    {
-        return "N=" + std::to_string(p.visual) + " visual tokens exceed the sequence length " + std::to_string(p.tokens);
-    }
-    if (p.kvHeads < 1 || p.queryHeads % p.kvHeads != 0)
-    {
-        return "query heads (" + std::to_string(p.queryHeads) + ") must be a multiple of KV heads ("
-            + std::to_string(p.kvHeads) + ")";
-    }
-    if (p.headDim < 1 || p.headDim > kMaxHeadDim)
-    {
-        return "head dim " + std::to_string(p.headDim) + " is outside [1, " + std::to_string(kMaxHeadDim) + "]";
-    }
-    if (p.nStages < 1 || p.stage < 0 || p.stage >= p.nStages)
-    {
-        return "stage " + std::to_string(p.stage) + " is outside [0, n_stages=" + std::to_string(p.nStages) + ")";
-    }
-    bool const chunked = p.method == kIwpVtsIwp || p.method == kIwpVtsBtp;
-    if (chunked && (p.chunk < 1 || !(p.growth >= 1.0)))
-    {
-        return "chunk must be >= 1 and growth >= 1.0";
-    }
-    if (p.method == kIwpVtsIwp && !inUnit(p.lam))
-    {
-        return "lam must be in [0, 1]";
-    }
-    if (p.method == kIwpVtsDart && p.pivots < 1)
-    {
-        return "pivots must be >= 1";
-    }
-    if (p.method == kIwpVtsTransPrune && !inUnit(p.alpha))
-    {
-        return "alpha must be in [0, 1]";
-    }
-    if (p.method == kIwpVtsBtp && !(inUnit(p.attentionFirst) && inUnit(p.attentionLast) && inUnit(p.seedFraction)))
-    {
-        return "attention_first, attention_last and seed_fraction must be in [0, 1]";
-    }
-    if (p.visual > (int64_t{1} << 30))
-    {
-        return "too many visual tokens for the selection kernels";
-    }
-    return {};
-}
 
 } // namespace
 
@@ -1530,14 +1429,7 @@ size_t iwpVtsParamsSize()
 
 int32_t iwpVtsMethodId(char const* name)
 {
-    for (int32_t id = 0; id <= kIwpVtsBtp; ++id)
-    {
-        if (name != nullptr && std::strcmp(name, kMethodNames[id]) == 0)
-        {
-            return id;
-        }
-    }
-    return -1;
+    return iwp::vts::methodId(name);
 }
 
 int32_t iwpVtsValidate(IwpVtsParams const* params, char* message, size_t capacity)
@@ -1562,15 +1454,22 @@ int32_t iwpVtsEnqueue(IwpVtsParams const* params, void const* const* inputs, int
     {
         return -1;
     }
-    auto const s = static_cast<cudaStream_t>(stream);
+    auto const s = iwpStream(stream);
     switch (params->dtype)
     {
     case kIwpVtsFloat32: Run<float>(*params, inputs, workspace, s).select(indices); break;
-    case kIwpVtsFloat16: Run<__half>(*params, inputs, workspace, s).select(indices); break;
-    case kIwpVtsBFloat16: Run<__nv_bfloat16>(*params, inputs, workspace, s).select(indices); break;
+    case kIwpVtsFloat16: Run<IwpHalf>(*params, inputs, workspace, s).select(indices); break;
+    case kIwpVtsBFloat16: Run<IwpBFloat16>(*params, inputs, workspace, s).select(indices); break;
     default: return -1;
     }
     return static_cast<int32_t>(cudaGetLastError());
 }
+
+#if defined(IWP_HIP_CPU)
+int32_t iwpVtsCpuSynchronize()
+{
+    return static_cast<int32_t>(hipStreamSynchronize(iwp::gpu::ownStream()));
+}
+#endif
 
 } // extern "C"
