@@ -191,6 +191,50 @@ void expInPlace(double* x, int64_t n)
     }
 }
 
+// The transpose of panelDot4: four panels against one vector, for columns asked for one or two at a time.
+#if defined(__GNUC__)
+#if defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void panelsDot4(double const* const* panel, double const* x, int64_t dim, double* const* out)
+{
+    Double4 lo[4] = {}, hi[4] = {};
+    for (int64_t e = 0; e < dim; ++e)
+    {
+        Double4 const xe = {x[e], x[e], x[e], x[e]};
+        for (int r = 0; r < 4; ++r)
+        {
+            Double4 p0, p1;
+            std::memcpy(&p0, panel[r] + e * kLanes, sizeof(p0));
+            std::memcpy(&p1, panel[r] + e * kLanes + 4, sizeof(p1));
+            lo[r] += xe * p0;
+            hi[r] += xe * p1;
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+    {
+        std::memcpy(out[r], &lo[r], sizeof(lo[r]));
+        std::memcpy(out[r] + 4, &hi[r], sizeof(hi[r]));
+    }
+}
+#else
+void panelsDot4(double const* const* panel, double const* x, int64_t dim, double* const* out)
+{
+    for (int r = 0; r < 4; ++r)
+    {
+        double acc[kLanes] = {};
+        for (int64_t e = 0; e < dim; ++e)
+        {
+            for (int64_t l = 0; l < kLanes; ++l)
+            {
+                acc[l] += x[e] * panel[r][e * kLanes + l];
+            }
+        }
+        std::copy(acc, acc + kLanes, out[r]);
+    }
+}
+#endif
+
 void panelDots(double const* panel, double const* const* x, int64_t count, int64_t dim, double* const* out)
 {
     double spare[4][kLanes];
@@ -527,6 +571,38 @@ void HiddenCosine::evaluate(Panels const& unit, std::vector<int64_t> const& cols
         colRows[j] = mUnit.row(cols[j]);
         xs[j] = colRows[j].data();
     }
+    auto store = [&](int64_t pb, int64_t j, double const* acc) {
+        for (int64_t l = 0; l < kLanes && pb * kLanes + l < rows; ++l)
+        {
+            int64_t const r = pb * kLanes + l;
+            out[byRow ? r * nc + j : j * rows + r] = static_cast<float>(acc[l]);
+        }
+    };
+    if (nc < 4) // DivPrune's one column a step: four panels at a time against it instead
+    {
+        int64_t const groups = (unit.panels() + 3) / 4;
+        parallelFor(groups, grainFor(4 * kLanes * nc * width), [&](int64_t g0, int64_t g1) {
+            double acc[4][kLanes];
+            double* outs[4] = {acc[0], acc[1], acc[2], acc[3]};
+            for (int64_t g = g0; g < g1; ++g)
+            {
+                double const* panels[4];
+                for (int64_t q = 0; q < 4; ++q) // a short last group repeats its first panel
+                {
+                    panels[q] = unit.panel(std::min(4 * g + q, unit.panels() - 1));
+                }
+                for (int64_t j = 0; j < nc; ++j)
+                {
+                    panelsDot4(panels, xs[j], width, outs);
+                    for (int64_t q = 0; q < 4 && 4 * g + q < unit.panels(); ++q)
+                    {
+                        store(4 * g + q, j, acc[q]);
+                    }
+                }
+            }
+        });
+        return;
+    }
     parallelFor(unit.panels(), grainFor(kLanes * nc * width), [&](int64_t p0, int64_t p1) {
         std::vector<double> acc(nc * kLanes);
         std::vector<double*> outs(nc);
@@ -539,11 +615,7 @@ void HiddenCosine::evaluate(Panels const& unit, std::vector<int64_t> const& cols
             panelDots(unit.panel(pb), xs.data(), nc, width, outs.data());
             for (int64_t j = 0; j < nc; ++j)
             {
-                for (int64_t l = 0; l < kLanes && pb * kLanes + l < rows; ++l)
-                {
-                    int64_t const r = pb * kLanes + l;
-                    out[byRow ? r * nc + j : j * rows + r] = static_cast<float>(acc[j * kLanes + l]);
-                }
+                store(pb, j, &acc[j * kLanes]);
             }
         }
     });
