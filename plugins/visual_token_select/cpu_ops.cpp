@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <exception>
 #include <numeric>
 #include <thread>
@@ -106,7 +109,7 @@ typedef double Double4 __attribute__((vector_size(32)));
 #if defined(__x86_64__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void panelDot4(double const* panel, double const* const* x, int64_t dim, double* const* out)
+void panelDot4Portable(double const* panel, double const* const* x, int64_t dim, double* const* out)
 {
     Double4 lo[4] = {}, hi[4] = {};
     for (int64_t e = 0; e < dim; ++e)
@@ -128,7 +131,7 @@ void panelDot4(double const* panel, double const* const* x, int64_t dim, double*
     }
 }
 #else
-void panelDot4(double const* panel, double const* const* x, int64_t dim, double* const* out)
+void panelDot4Portable(double const* panel, double const* const* x, int64_t dim, double* const* out)
 {
     for (int r = 0; r < 4; ++r)
     {
@@ -196,7 +199,7 @@ void expInPlace(double* x, int64_t n)
 #if defined(__x86_64__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void panelsDot4(double const* const* panel, double const* x, int64_t dim, double* const* out)
+void panelsDot4Portable(double const* const* panel, double const* x, int64_t dim, double* const* out)
 {
     Double4 lo[4] = {}, hi[4] = {};
     for (int64_t e = 0; e < dim; ++e)
@@ -218,7 +221,7 @@ void panelsDot4(double const* const* panel, double const* x, int64_t dim, double
     }
 }
 #else
-void panelsDot4(double const* const* panel, double const* x, int64_t dim, double* const* out)
+void panelsDot4Portable(double const* const* panel, double const* x, int64_t dim, double* const* out)
 {
     for (int r = 0; r < 4; ++r)
     {
@@ -233,6 +236,85 @@ void panelsDot4(double const* const* panel, double const* x, int64_t dim, double
         std::copy(acc, acc + kLanes, out[r]);
     }
 }
+#endif
+
+// With FMA (x86-64 since Haswell), the same loops as fused multiply-adds: twice the throughput. A fused
+// multiply-add rounds once where the portable loop rounds twice, so on such a CPU a dot product can differ in
+// its last bit from one without FMA; every path of one machine uses the same loop, so the results stay
+// deterministic there, and a block and a column still agree.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) void panelDot4Fma(
+    double const* panel, double const* const* x, int64_t dim, double* const* out)
+{
+    __m256d lo[4], hi[4];
+    for (int r = 0; r < 4; ++r)
+    {
+        lo[r] = _mm256_setzero_pd();
+        hi[r] = _mm256_setzero_pd();
+    }
+    for (int64_t e = 0; e < dim; ++e)
+    {
+        __m256d const p0 = _mm256_loadu_pd(panel + e * kLanes), p1 = _mm256_loadu_pd(panel + e * kLanes + 4);
+        for (int r = 0; r < 4; ++r)
+        {
+            __m256d const xe = _mm256_broadcast_sd(x[r] + e);
+            lo[r] = _mm256_fmadd_pd(xe, p0, lo[r]);
+            hi[r] = _mm256_fmadd_pd(xe, p1, hi[r]);
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+    {
+        _mm256_storeu_pd(out[r], lo[r]);
+        _mm256_storeu_pd(out[r] + 4, hi[r]);
+    }
+}
+
+__attribute__((target("avx2,fma"))) void panelsDot4Fma(
+    double const* const* panel, double const* x, int64_t dim, double* const* out)
+{
+    __m256d lo[4], hi[4];
+    for (int r = 0; r < 4; ++r)
+    {
+        lo[r] = _mm256_setzero_pd();
+        hi[r] = _mm256_setzero_pd();
+    }
+    for (int64_t e = 0; e < dim; ++e)
+    {
+        __m256d const xe = _mm256_broadcast_sd(x + e);
+        for (int r = 0; r < 4; ++r)
+        {
+            lo[r] = _mm256_fmadd_pd(xe, _mm256_loadu_pd(panel[r] + e * kLanes), lo[r]);
+            hi[r] = _mm256_fmadd_pd(xe, _mm256_loadu_pd(panel[r] + e * kLanes + 4), hi[r]);
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+    {
+        _mm256_storeu_pd(out[r], lo[r]);
+        _mm256_storeu_pd(out[r] + 4, hi[r]);
+    }
+}
+
+bool hasFma()
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+bool hasFma()
+{
+    return false;
+}
+#endif
+
+// Chosen once, at load.
+using PanelDot4 = void (*)(double const*, double const* const*, int64_t, double* const*);
+using PanelsDot4 = void (*)(double const* const*, double const*, int64_t, double* const*);
+#if defined(__x86_64__) && defined(__GNUC__)
+PanelDot4 const panelDot4 = hasFma() ? panelDot4Fma : panelDot4Portable;
+PanelsDot4 const panelsDot4 = hasFma() ? panelsDot4Fma : panelsDot4Portable;
+#else
+PanelDot4 const panelDot4 = panelDot4Portable;
+PanelsDot4 const panelsDot4 = panelsDot4Portable;
 #endif
 
 void panelDots(double const* panel, double const* const* x, int64_t count, int64_t dim, double* const* out)
