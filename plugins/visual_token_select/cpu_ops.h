@@ -1,11 +1,12 @@
 // The CPU kernel's building blocks (cpu.cpp composes them into the methods): ranking, the worker threads,
 // packed panels, the vector exp, attention means and the similarities PCMMR runs over.
 //
-// Speed without giving up the reference's numbers: every dot product multiplies floats exactly in double and
-// sums over the vector in ascending order, from 0, whichever code path asks for it. The fast paths only change
-// *which* dot products run together: eight rows at a time from a packed panel [rows/8][dim][8], so the compiler
-// vectorizes across rows (SSE2 at -O3, AVX2 through a second clone where the CPU has it) while each row's sum
-// keeps its order. A similarity computed in a pool block and in a whole column is therefore the same double.
+// Speed without giving up the reference's numbers: every dot product is in double and sums over the vector in
+// ascending order, from 0, whichever code path asks for it. The fast paths only change *which* dot products
+// run together: eight rows at a time from a packed panel [rows/8][dim][8], against four vectors at once,
+// vectorized across the rows (SSE2 by default, AVX2 fused multiply-adds where the CPU has FMA, chosen at
+// load). A similarity computed in a pool block and in a whole column is therefore the same double. Products
+// of two floats (the attention logits) are exact in double, so there FMA changes nothing at all.
 #pragma once
 
 #include <cmath>
