@@ -53,7 +53,7 @@ class Graphs:
         self.manifest, self.sessions, self.observer = manifest, sessions, observer
 
     def run(self, graph: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Feeds by role -> every output by tensor name, in the graph's output order."""
+        """Feeds by role ((role, layer) for the caches) -> every output by tensor name, in the graph's order."""
         io = self.manifest.io[graph]
         feeds = {spec.name: arrays[spec.role] if spec.layer is None else arrays[(spec.role, spec.layer)]
                  for spec in io.inputs}

@@ -31,10 +31,11 @@ def test_recorder_keeps_every_graphs_first_feeds_by_the_manifests_names(pipeline
     step = pipeline.manifest.find("decode", "inputs", "step").name
     assert int(feeds["decode"][step]) == 0
     # decode's feeds are copies: the arena's buffers they were bound from are rewritten by later generations
-    valid = pipeline.manifest.find("decode", "inputs", "valid", layer=0).name
-    before = feeds["decode"][valid].copy()
-    pipeline.generate_ids(demo_image(3), "Something else entirely, and longer?", 4)
-    assert np.array_equal(feeds["decode"][valid], before)
+    key = pipeline.manifest.find("decode", "inputs", "key", layer=0).name
+    before = feeds["decode"][key].copy()
+    pipeline.generate_ids(demo_image(3), "Other colours?", 4)   # 3 decode steps: both arena sets rewritten
+    assert np.array_equal(feeds["decode"][key], before)
+    assert not np.array_equal(pipeline.arena.key(0, 0), before) and not np.array_equal(pipeline.arena.key(1, 0), before)
 
 
 def test_onnxruntime_against_itself_matches(pipeline, feeds):
