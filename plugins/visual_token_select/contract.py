@@ -28,7 +28,7 @@ INPUTS = ("hidden", "q", "k", "q_rot", "k_rot", "v", "key_mask", "visual_start",
 OUTPUT = "indices"             # [B, keep] int64, ascending
 
 # Bumped with any change to IwpVtsParams or to the selection's results (params.h's IWP_VTS_ABI_VERSION).
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Method ids on the C side (IwpVtsMethod); ids are part of the ABI, so a new method takes the next one.
 METHOD_IDS = {"iwp": 0, "fastv": 1, "dart": 2, "divprune": 3, "random": 4, "transprune": 5, "btp": 6}

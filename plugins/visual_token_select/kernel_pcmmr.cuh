@@ -26,16 +26,22 @@ __global__ void pcmmrInitKernel(float const* raw, PcmmrState st, int64_t visual)
 {
     __shared__ float shared[32];
     int64_t const b = blockIdx.x;
+    // the inf rule: +inf is the largest finite float (so it normalizes to 1 and is weighed at every λ);
+    // NaN and -inf rank last
+    auto const magnitude = [&](int64_t i) {
+        float const x = raw[b * visual + i];
+        return x == INFINITY ? FLT_MAX : x;
+    };
     float top = 0.0F;
     for (int64_t i = threadIdx.x; i < visual; i += blockDim.x)
     {
-        float const x = raw[b * visual + i];
+        float const x = magnitude(i);
         top = isfinite(x) ? fmaxf(top, x) : top;
     }
     top = fmaxf(blockReduce(top, Max(), shared), FLT_MIN);
     for (int64_t i = threadIdx.x; i < visual; i += blockDim.x)
     {
-        float const x = raw[b * visual + i];
+        float const x = magnitude(i);
         bool const ok = isfinite(x);
         st.finite[b * visual + i] = ok;
         st.mag[b * visual + i] = (ok ? x : 0.0F) / top;

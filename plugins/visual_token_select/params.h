@@ -7,7 +7,7 @@
 #include <cstring>
 
 // Bumped with any change to IwpVtsParams or to the selection's results.
-#define IWP_VTS_ABI_VERSION 1
+#define IWP_VTS_ABI_VERSION 2
 
 enum IwpVtsMethod : int32_t
 {
