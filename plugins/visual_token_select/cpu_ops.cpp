@@ -99,12 +99,22 @@ std::vector<double> Panels::row(int64_t r) const
     return out;
 }
 
-// The one hot loop: for four vectors x[r] at once (one load of the panel each step), eight independent sums
-// per vector, each over e in order. GCC and Clang's vector extension spells the eight lanes as two 4-double
-// vectors, lowered to SSE2 (or NEON) pairs by default; on x86-64 GCC also builds an AVX2 clone, picked at load
-// where the CPU has it. No FMA in either: a fused multiply-add would round differently from the pair path.
+// The one hot loop: four (panel, vector) pairs at a time, eight independent sums per pair, each over e in
+// order. panelDot4 shares one panel between four vectors (a PCMMR step's columns, the attention's queries);
+// panelsDot4 shares one vector between four panels (a column asked for alone). GCC and Clang's vector
+// extension spells the eight lanes as two 4-double vectors, lowered to SSE2 (or NEON) pairs; on x86-64 GCC also
+// builds an AVX2 clone. Where the CPU has FMA, the intrinsics versions below run instead.
 #if defined(__GNUC__)
 typedef double Double4 __attribute__((vector_size(32)));
+
+void store4(Double4 const* lo, Double4 const* hi, double* const* out)
+{
+    for (int r = 0; r < 4; ++r)
+    {
+        std::memcpy(out[r], &lo[r], sizeof(lo[r]));
+        std::memcpy(out[r] + 4, &hi[r], sizeof(hi[r]));
+    }
+}
 
 #if defined(__x86_64__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
@@ -124,14 +134,32 @@ void panelDot4Portable(double const* panel, double const* const* x, int64_t dim,
             hi[r] += xe * p1;
         }
     }
-    for (int r = 0; r < 4; ++r)
+    store4(lo, hi, out);
+}
+
+#if defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void panelsDot4Portable(double const* const* panel, double const* x, int64_t dim, double* const* out)
+{
+    Double4 lo[4] = {}, hi[4] = {};
+    for (int64_t e = 0; e < dim; ++e)
     {
-        std::memcpy(out[r], &lo[r], sizeof(lo[r]));
-        std::memcpy(out[r] + 4, &hi[r], sizeof(hi[r]));
+        Double4 const xe = {x[e], x[e], x[e], x[e]};
+        for (int r = 0; r < 4; ++r)
+        {
+            Double4 p0, p1;
+            std::memcpy(&p0, panel[r] + e * kLanes, sizeof(p0));
+            std::memcpy(&p1, panel[r] + e * kLanes + 4, sizeof(p1));
+            lo[r] += xe * p0;
+            hi[r] += xe * p1;
+        }
     }
+    store4(lo, hi, out);
 }
 #else
-void panelDot4Portable(double const* panel, double const* const* x, int64_t dim, double* const* out)
+// Any other compiler: the same sums, one pair at a time.
+void dot4(double const* const* panel, double const* const* x, int64_t dim, double* const* out)
 {
     for (int r = 0; r < 4; ++r)
     {
@@ -140,11 +168,23 @@ void panelDot4Portable(double const* panel, double const* const* x, int64_t dim,
         {
             for (int64_t l = 0; l < kLanes; ++l)
             {
-                acc[l] += x[r][e] * panel[e * kLanes + l];
+                acc[l] += x[r][e] * panel[r][e * kLanes + l];
             }
         }
         std::copy(acc, acc + kLanes, out[r]);
     }
+}
+
+void panelDot4Portable(double const* panel, double const* const* x, int64_t dim, double* const* out)
+{
+    double const* panels[4] = {panel, panel, panel, panel};
+    dot4(panels, x, dim, out);
+}
+
+void panelsDot4Portable(double const* const* panel, double const* x, int64_t dim, double* const* out)
+{
+    double const* xs[4] = {x, x, x, x};
+    dot4(panel, xs, dim, out);
 }
 #endif
 
@@ -193,50 +233,6 @@ void expInPlace(double* x, int64_t n)
         x[i] = v < kLow ? 0.0 : (v > kHigh ? std::numeric_limits<double>::infinity() : e);
     }
 }
-
-// The transpose of panelDot4: four panels against one vector, for columns asked for one or two at a time.
-#if defined(__GNUC__)
-#if defined(__x86_64__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void panelsDot4Portable(double const* const* panel, double const* x, int64_t dim, double* const* out)
-{
-    Double4 lo[4] = {}, hi[4] = {};
-    for (int64_t e = 0; e < dim; ++e)
-    {
-        Double4 const xe = {x[e], x[e], x[e], x[e]};
-        for (int r = 0; r < 4; ++r)
-        {
-            Double4 p0, p1;
-            std::memcpy(&p0, panel[r] + e * kLanes, sizeof(p0));
-            std::memcpy(&p1, panel[r] + e * kLanes + 4, sizeof(p1));
-            lo[r] += xe * p0;
-            hi[r] += xe * p1;
-        }
-    }
-    for (int r = 0; r < 4; ++r)
-    {
-        std::memcpy(out[r], &lo[r], sizeof(lo[r]));
-        std::memcpy(out[r] + 4, &hi[r], sizeof(hi[r]));
-    }
-}
-#else
-void panelsDot4Portable(double const* const* panel, double const* x, int64_t dim, double* const* out)
-{
-    for (int r = 0; r < 4; ++r)
-    {
-        double acc[kLanes] = {};
-        for (int64_t e = 0; e < dim; ++e)
-        {
-            for (int64_t l = 0; l < kLanes; ++l)
-            {
-                acc[l] += x[e] * panel[r][e * kLanes + l];
-            }
-        }
-        std::copy(acc, acc + kLanes, out[r]);
-    }
-}
-#endif
 
 // With FMA (x86-64 since Haswell), the same loops as fused multiply-adds: twice the throughput. A fused
 // multiply-add rounds once where the portable loop rounds twice, so on such a CPU a dot product can differ in
