@@ -131,8 +131,7 @@ def device_inputs(view: LayerView, dtype: torch.dtype | None = None, device: str
     values = dict(hidden=view.hidden, q=view.q, k=view.k, q_rot=view.q_rot, k_rot=view.k_rot, v=view.v,
                   key_mask=view.key_mask, visual_start=view.visual_start, query_idx=view.query_idx,
                   query_mask=view.query_mask, last_idx=view.last_idx, visual_xy=view.visual_xy, ttv=ttv)
-    # .clone() where the copy would alias the view: the kernels' buffers are their own
-    return [values[name].to(device, typed.get(name, dtype)).contiguous().clone() for name in contract.INPUTS]
+    return [values[name].to(device, typed.get(name, dtype)).contiguous() for name in contract.INPUTS]
 
 
 class Selector:
