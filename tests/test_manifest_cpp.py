@@ -223,9 +223,6 @@ PYTHON_NAMES = ("inputs_embeds", "image_features")
 # C++ spells each role once, as a constant in runtime/core/manifest.h: `constexpr char kLogits[] = "logits";`
 ROLE_CONSTANT = re.compile(r'^\s*constexpr char k\w+\[\] = "\w+";')
 ROLE_DEFINITIONS = ROOT / "runtime" / "core" / "manifest.h"
-# Switch on when the Python side binds by role everywhere (issue 12 §2): Python sources outside
-# export/graphs.py (and the tests) are then held to it too.
-CHECK_PYTHON_SOURCES = False
 
 
 def cpp_string_literals(text: str):
@@ -280,8 +277,7 @@ def _sources(kind: str) -> list[Path]:
                   for p in (ROOT / folder).rglob("*.py") if p not in skip)
 
 
-@pytest.mark.parametrize("kind", ["cpp", pytest.param("python", marks=pytest.mark.skipif(
-    not CHECK_PYTHON_SOURCES, reason="CHECK_PYTHON_SOURCES is off until the Python side binds by role"))])
+@pytest.mark.parametrize("kind", ["cpp", "python"])
 def test_no_tensor_name_is_spelled_outside_graphs_py(kind):
     literals, names = (cpp_string_literals, CPP_NAMES) if kind == "cpp" else (python_string_literals, PYTHON_NAMES)
     sources = _sources(kind)
