@@ -216,6 +216,16 @@ def test_kernels_at_llava_ov_7b_shapes(kernels, n, keep):
     assert cuda.select(method, view, keep, kernels=kernels).tolist() == cpu.select(method, view, keep).tolist()
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_kernels_at_shapes_that_take_every_loop(kernels, name):
+    """Shapes past every single-pass case: N > 1024 (several tokens per thread in the 1024-thread selections),
+    Q = 20 > 16 (two passes of query rows), head dim 40 (a partial 32-dim key tile), width 300 > 256 (two
+    passes of the similarity's staged dims), 3 KV heads; equal to the C++ CPU kernel."""
+    view = synthetic_view(B=2, N=1100, Q=20, Hq=6, Hkv=3, d=40, D=300, seed=8, stage=1, n_stages=3)
+    method = make_method(name)
+    assert cuda.select(method, view, 200, kernels=kernels).tolist() == cpu.select(method, view, 200).tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_kernels_half_inputs_score_in_fp32(kernels, name, dtype):
