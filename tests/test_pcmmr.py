@@ -1,4 +1,4 @@
-"""Property tests of PCMMR (pcmmr.py) and IWP's scoring (iwp.py) on random tensors."""
+"""Property tests of PCMMR (pcmmr.py) and IWP's scoring (iwp_method.py) on random tensors."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import synthetic_view
-from iwp.plugins.visual_token_select import iwp as iwp_module
-from iwp.plugins.visual_token_select.iwp import IWP, IWPConfig, UpdateCosine, magnitude
+from iwp.plugins.visual_token_select import iwp_method as iwp_module
+from iwp.plugins.visual_token_select.iwp_method import IWP, IWPConfig, UpdateCosine, magnitude
 from iwp.plugins.visual_token_select.pcmmr import chunk_schedule, pcmmr, top_indices
 from iwp.plugins.visual_token_select.view import LayerView
 

@@ -16,7 +16,7 @@ import torch
 from .compare import layer_attention_error
 from iwp.inputs import Batch
 from iwp.model import PrunedLlavaOnevision, inline
-from iwp.plugins.visual_token_select.iwp import IWP, IWPConfig
+from iwp.plugins.visual_token_select.iwp_method import IWP, IWPConfig
 from iwp.plugins.visual_token_select.pcmmr import chunk_schedule
 
 

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from iwp.plugins.visual_token_select.iwp import IWP, IWPConfig
+from iwp.plugins.visual_token_select.iwp_method import IWP, IWPConfig
 from iwp.plugins.visual_token_select.view import LayerView
 
 SIZES = (729, 1485, 7290)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .baselines import DART, DivPrune, FastV, Random
 from .btp import BTP
-from .iwp import IWP
+from .iwp_method import IWP
 from .options import checked_options
 from .stages import Plan
 from .transprune import TransPrune

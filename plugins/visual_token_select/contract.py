@@ -13,7 +13,7 @@ import functools
 import typing
 
 from . import METHODS, make_method
-from .iwp import QUERIES
+from .iwp_method import QUERIES
 
 OP_TYPE = "VisualTokenSelect"
 DOMAIN = "iwp"                 # TensorRT's parser maps (op_type, plugin_namespace, plugin_version) to a plugin
