@@ -137,7 +137,7 @@ def export_program(module: torch.nn.Module, args: tuple, input_names, output_nam
     import logging
     import warnings
 
-    from .onnx_op import custom_translation_table
+    from iwp.plugins.visual_token_select.onnx_op import custom_translation_table
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = registration.level
     registration.setLevel(logging.ERROR)

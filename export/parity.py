@@ -16,7 +16,7 @@ from polygraphy.backend.base import BaseRunner
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.comparator import Comparator, CompareFunc
 
-from iwp.runtime.ort_ops import session
+from iwp.plugins.visual_token_select.ort_op import session
 
 
 class TorchRunner(BaseRunner):

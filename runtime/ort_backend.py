@@ -18,7 +18,7 @@ from .engine_dir import check_graph, engine_error, numpy_dtype
 
 def load_sessions(manifest: EngineManifest, providers: list[str] | None = None) -> dict:
     """One ONNX Runtime session per graph, each checked against what the manifest records of it."""
-    from .ort_ops import session
+    from iwp.plugins.visual_token_select.ort_op import session
     directory = Path(manifest.directory)
     try:
         import onnxruntime

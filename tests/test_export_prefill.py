@@ -9,7 +9,7 @@ from iwp.demo import demo_image
 from iwp.export.graphs import PREFILL_INPUTS, PrefillGraph, export
 from iwp.inputs import make_batch
 from iwp.plugins.visual_token_select import contract, make_method
-from iwp.runtime.ort_ops import session
+from iwp.plugins.visual_token_select.ort_op import session
 
 TOL = 1e-4  # fp32, across two runtimes' kernels
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import synthetic_view
 
-from iwp.export.onnx_op import custom_translation_table, register_schema, schema
+from iwp.plugins.visual_token_select.onnx_op import custom_translation_table, register_schema, schema
 from iwp.plugins.visual_token_select import METHODS, contract, make_method
 from iwp.plugins.visual_token_select.torch_op import select
-from iwp.runtime.ort_ops import ORT_DOMAIN, for_onnxruntime, session
+from iwp.plugins.visual_token_select.ort_op import ORT_DOMAIN, for_onnxruntime, session
 
 
 def test_schema_attributes_come_from_the_contract():

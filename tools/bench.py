@@ -40,7 +40,7 @@ BUDGETS = (64, 128, 256, 576)
 
 def _time(run, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
     """Wall seconds of each repeat, and the seconds spent inside the selection op during each."""
-    from iwp.runtime.ort_ops import selection_seconds
+    from iwp.plugins.visual_token_select.ort_op import selection_seconds
     for _ in range(warmup):
         run()
     walls, selections = [], []
@@ -54,7 +54,7 @@ def _time(run, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
 
 def _onnxruntime_timer(pruned, batch, embeds, out: Path, warmup: int, repeats: int):
     from iwp.export.graphs import PREFILL_INPUTS, PrefillGraph, export_program, graph_tensors, save
-    from iwp.runtime.ort_ops import session
+    from iwp.plugins.visual_token_select.ort_op import session
     from iwp.runtime.prompt import prefill_arrays
     arrays = prefill_arrays(batch, embeds.numpy())   # by role; the graph's inputs do not depend on the method
     feeds = {name: arrays[role] for name, role, _, _ in graph_tensors("prefill", pruned.n_layers, 0)[0]}

@@ -103,7 +103,7 @@ class StageTimes:
 
 
 def _one_run(pipeline, image, prompt: str, new_tokens: int) -> dict:
-    from iwp.runtime.ort_ops import selection_seconds
+    from iwp.plugins.visual_token_select.ort_op import selection_seconds
     from iwp.runtime.pipeline import Sampler
 
     t, times = {}, StageTimes()

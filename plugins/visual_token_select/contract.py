@@ -1,6 +1,6 @@
 """The VisualTokenSelect op contract, written once.
 
-The ONNX schema (export/onnx_op.py), the torch custom op, the ONNX Runtime op (runtime/ort_ops.py) and the
+The ONNX schema (onnx_op.py), the torch custom op, the ONNX Runtime op (ort_op.py) and the
 ctypes binding (cuda.py) read their names, input order, dtypes and attributes from here. The C++ side (the
 CPU kernel, the CUDA kernels, the TensorRT creator) reads params.h, which codegen.py generates from this
 module; tests/test_op_header.py fails when the committed header is stale. The method attributes are derived

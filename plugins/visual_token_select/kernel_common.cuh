@@ -43,6 +43,13 @@ __device__ __forceinline__ float rankable(float x)
     return isinf(x) ? FLT_MAX : x;
 }
 
+// max(x, floor) that keeps a NaN x, as std::max(x, floor) on the CPU and torch's clamp(min=floor) do; CUDA's
+// fmaxf returns `floor` for a NaN and would turn a NaN norm or distance into a finite one.
+__device__ __forceinline__ float clampMin(float x, float floor)
+{
+    return x < floor ? floor : x;
+}
+
 // Order-preserving map of a float to uint32 (larger float, larger key); -0 and +0 share a key.
 __device__ __forceinline__ uint32_t orderKey(float x)
 {

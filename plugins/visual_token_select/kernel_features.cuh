@@ -100,7 +100,7 @@ __global__ void updateFeaturesKernel(T const* kRot, T const* v, int64_t const* v
         }
         if (lane == 0 && i < visual)
         {
-            float const vnorm = fmaxf(sqrtf(v2), static_cast<float>(kEps));
+            float const vnorm = clampMin(sqrtf(v2), static_cast<float>(kEps));
             int64_t const at = (b * kvHeads + h) * visual + i;
             vInverse[t] = 1.0F / vnorm;
             sq[at] = centred2;
@@ -174,7 +174,7 @@ __global__ void inverseNormKernel(T const* hidden, int64_t const* visualStart, f
     }
     if (active && lane == 0)
     {
-        inverse[token] = 1.0F / fmaxf(sqrtf(sum), static_cast<float>(kEps));
+        inverse[token] = 1.0F / clampMin(sqrtf(sum), static_cast<float>(kEps));
     }
 }
 

@@ -152,7 +152,7 @@ __global__ void rebalanceKernel(float* attn, int64_t visual)
         return;
     }
     auto position = [&](int64_t i) { return visual == 1 ? -1.0F : -1.0F + 2.0F * i / static_cast<float>(visual - 1); };
-    auto logA = [&](int64_t i) { return logf(fmaxf(row[i], 1e-30F)); };
+    auto logA = [&](int64_t i) { return logf(clampMin(row[i], 1e-30F)); }; // NaN attention stays NaN
     float cov = 0.0F, var = 0.0F;
     for (int64_t i = threadIdx.x; i < visual; i += blockDim.x)
     {

@@ -127,7 +127,7 @@ __global__ void similarityKernel(SimData sim, int32_t const* rows, int64_t nRows
                     {
                         int32_t const other = colToken[c];
                         float const dist2
-                            = token == other ? 0.0F : fmaxf(0.0F, sim.sq[base + token] + sim.sq[base + other] - 2.0F * dotA[c]);
+                            = token == other ? 0.0F : clampMin(sim.sq[base + token] + sim.sq[base + other] - 2.0F * dotA[c], 0.0F);
                         total[c] += dotV[c] * expf(-0.5F * dist2 + sim.logW[base + token] + sim.logW[base + other]);
                     }
                 }

@@ -2,7 +2,7 @@
 eager body and a fake that gives its static output shape [B, keep].
 
 The method's options travel as one JSON string, so the op has one signature for every method; the ONNX
-translation (iwp/export/onnx_op.py) expands it into typed node attributes (contract.node_attributes).
+translation (onnx_op.py) expands it into typed node attributes (contract.node_attributes).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import onnx
 import onnxscript
 from onnx import defs
 
-from iwp.plugins.visual_token_select import contract
+from . import contract
 
 _ONNX_ATTR = {bool: defs.OpSchema.AttrType.INT, int: defs.OpSchema.AttrType.INT,
               float: defs.OpSchema.AttrType.FLOAT, str: defs.OpSchema.AttrType.STRING,

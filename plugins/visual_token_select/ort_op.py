@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from iwp.plugins.visual_token_select import contract
+from . import contract
 
 ORT_DOMAIN = "ai.onnx.contrib"
 _ACTIVATIONS = contract.ACTIVATIONS  # the inputs of type T in the schema
@@ -32,9 +32,9 @@ def _select(arrays, node_attrs):
     import numpy as np
     import torch
 
-    from iwp.plugins.visual_token_select import cpu
-    from iwp.plugins.visual_token_select.contract import method_from_attributes
-    from iwp.plugins.visual_token_select.view import LayerView
+    from . import cpu
+    from .contract import method_from_attributes
+    from .view import LayerView
 
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
     for mask in (contract.INPUTS.index("key_mask"), contract.INPUTS.index("query_mask")):
