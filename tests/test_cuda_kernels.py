@@ -271,6 +271,20 @@ def test_kernels_follow_the_nan_rule(kernels, name):
         assert row.unique().numel() == 6 and torch.equal(row, row.sort().values) and int(row.max()) < 20
 
 
+@pytest.mark.parametrize("field", ["q", "k", "q_rot", "k_rot"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_kernels_follow_the_nan_rule_in_queries_and_keys(kernels, name, field):
+    """A NaN query or key poisons whole attention rows and, through the key means, a head's similarities; the
+    NaNs must travel as in the reference (a NaN norm, distance or attention stays NaN, where CUDA's fmaxf would
+    drop it) and end as its rules say: the reference's indices."""
+    view = synthetic_view(B=2, N=20, Q=3, seed=2)
+    start = int(view.visual_start[0])
+    getattr(view, field)[0, 1 % getattr(view, field).shape[1], start + (21 if field.startswith("q") else 4)] = \
+        float("nan")
+    method = make_method(name)
+    assert cuda.select(method, view, 6, kernels=kernels).tolist() == method.select(view, 6).tolist()
+
+
 @pytest.mark.parametrize("options", [{"lam": 0.3}, {"lam": 0.3, "chunk": 1, "growth": 1.0}, {"lam": 1.0}])
 def test_kernels_follow_the_inf_rule(kernels, options):
     """An infinite value norm makes an infinite magnitude, which ranks as the largest finite float at every λ
