@@ -19,13 +19,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
 
+from iwp.atomic import staging_directory
 from iwp.engine_format import FORMAT, GRAPHS, EngineManifest, GraphIO, TensorSpec, sha256
 
 # fp16 graphs are fp16 in the file (TensorRT 11 builds only strongly typed networks); selection scores in fp32
@@ -66,11 +66,25 @@ class EngineSpec:
 
 
 def engine_name(spec: EngineSpec, grid_name: str) -> str:
+    """<model>-<method>[-b<budget>]-<grid>[-native][-fp16][-trt]-<settings>: the readable part, then 8 hex digits
+    over every build input it leaves out, so two engines that differ never share a directory."""
     budget = f"-b{spec.budget}" if spec.method != "none" else ""
     native = "-native" if spec.select == "native" and spec.method != "none" else ""
     dtype = f"-{spec.dtype}" if spec.dtype != "fp32" else ""
     trt = "-trt" if spec.backend == "tensorrt" else ""
-    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}{dtype}{trt}"
+    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}{dtype}{trt}-{settings_hash(spec)}"
+
+
+def settings_hash(spec: EngineSpec) -> str:
+    """The build inputs the readable name leaves out: the method's resolved options (defaults included, so a
+    change of default is a new name), the capacities, random weights, the weights' layout, the TensorRT
+    workspace. A checkpoint's location is not an input: the same weights anywhere give the same engine."""
+    from iwp.plugins.visual_token_select import make_method
+    config = dataclasses.asdict(make_method(spec.method, **dict(spec.options)).config) if spec.method != "none" else {}
+    key = {"config": config, "max_text_tokens": spec.max_text_tokens, "max_new_tokens": spec.max_new_tokens,
+           "random_weights": spec.random_weights, "external_data": spec.external_data,
+           "trt_workspace_gb": spec.trt_workspace_gb}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 
 def _tool_versions() -> dict:
@@ -168,9 +182,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
                           length, tokenizer.pad_token_id)
     prefill_len = [length - n + k for k in tokens_per_layer]
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=out_root))
-    try:
+    with staging_directory(target) as staging:   # sweeps what killed builds left; removed on failure
         with torch.no_grad():
             embeds = model.embed(batch)
             prefill = PrefillGraph(model, batch, method, plan, spec.max_new_tokens, native=spec.select == "native")
@@ -233,11 +245,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
         # through the reader: an engine whose manifest the runtime would refuse is never written
         typed = EngineManifest.from_dict(json.loads(json.dumps(manifest)), staging)
         (staging / "manifest.json").write_text(typed.to_json())
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; an engine is meant to be shared
         _replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -2,6 +2,7 @@
 the same token for the same seed. Greedy at temperature 0; otherwise temperature, then top-p (nucleus)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +33,17 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
-        self.rng = SplitMix64(self.seed)
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer (any size: it is taken modulo 2**64), got {type(self.seed).__name__}")
+        # inf would pass `>= 0` and sample uniformly: a finite temperature is what anyone means
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be finite and >= 0 and top_p in (0, 1], got {self.temperature}, "
+                             f"{self.top_p}")
+        self.rng = SplitMix64(int(self.seed))
 
     def core(self):
         """The same sampler in the runtime core."""

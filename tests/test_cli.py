@@ -1,5 +1,6 @@
 """The `iwp` command line: what a user sees, and one-line errors with exit code 2."""
 import json
+import re
 
 import pytest
 import torch
@@ -21,17 +22,44 @@ def test_engine_builds_and_reports_kept_tokens_flops_and_answer(capsys, tmp_path
     code, out, _ = run(capsys, "engine", "--model", "tiny-llava-ov", "--budget", "48", "--max-new-tokens", "4",
                        "--option", "queries=last", "--out", str(tmp_path))
     assert code == 0
-    assert (tmp_path / "tiny-llava-ov-iwp-b48-2x2" / "manifest.json").is_file()
+    (engine,) = tmp_path.iterdir()
+    assert re.fullmatch(r"tiny-llava-ov-iwp-b48-2x2-[0-9a-f]{8}", engine.name) and (engine / "manifest.json").is_file()
+    assert f"engine    {engine} (" in out
     assert "kept      layer 2: 48/336 visual tokens" in out
     assert "tokens    per layer 336x2 48x6" in out
     assert "'queries': 'last'" in out
     assert "saved)" in out and "ONNX Runtime" in out
-    code, out, _ = run(capsys, "run", "--engine", str(tmp_path / "tiny-llava-ov-iwp-b48-2x2"),
-                       "--image", str(_png(tmp_path)), "--prompt", "What is here?", "--max-new-tokens", "3")
-    assert code == 0
-    code, _, err = run(capsys, "run", "--engine", str(tmp_path / "tiny-llava-ov-iwp-b48-2x2"),
-                       "--image", str(_png(tmp_path)), "--prompt", "x", "--budget", "64")
+    code, out, err = run(capsys, "run", "--engine", str(engine), "--image", str(_png(tmp_path)),
+                         "--prompt", "What is here?", "--max-new-tokens", "3", "--option", "queries=last")
+    assert code == 0 and '"queries": "last"' in err          # the resolved options, on stderr beside the answer
+    code, _, err = run(capsys, "run", "--engine", str(engine), "--image", str(_png(tmp_path)), "--prompt", "x",
+                       "--budget", "64")
     assert code == 2 and "built for budget 48, not 64" in err
+    code, _, err = run(capsys, "run", "--engine", str(engine), "--image", str(_png(tmp_path)), "--prompt", "x",
+                       "--option", "lam=0.5")
+    assert code == 2 and err.count("\n") == 1 and "was built with lam=0.3, not 0.5" in err
+    code, _, err = run(capsys, "run", "--engine", str(engine), "--image", str(_png(tmp_path)), "--prompt", "x",
+                       "--method", "fastv")
+    assert code == 2 and "runs method iwp, not fastv" in err
+    code, _, err = run(capsys, "run", "--engine", str(engine), "--image", str(_png(tmp_path)), "--prompt", "x",
+                       "--temperature", "inf")
+    assert code == 2 and "temperature must be finite" in err
+
+
+def test_engines_that_differ_in_any_input_get_their_own_directory(tmp_path):
+    from iwp.export.engine import EngineSpec, engine_name
+    base = EngineSpec("tiny-llava-ov", "iwp", 64)
+    variants = [base, EngineSpec("tiny-llava-ov", "iwp", 64, options=(("lam", 0.5),)),
+                EngineSpec("tiny-llava-ov", "iwp", 64, max_text_tokens=64),
+                EngineSpec("tiny-llava-ov", "iwp", 64, max_new_tokens=8),
+                EngineSpec("tiny-llava-ov", "iwp", 64, dtype="fp16"), EngineSpec("tiny-llava-ov", "iwp", 64, select="native"),
+                EngineSpec("tiny-llava-ov", "iwp", 64, backend="tensorrt"),
+                EngineSpec("tiny-llava-ov", "iwp", 64, trt_workspace_gb=2.0), EngineSpec("tiny-llava-ov", "iwp", 32)]
+    names = [engine_name(v, "2x2") for v in variants]
+    assert len(set(names)) == len(names), names
+    # the same resolved settings are the same engine, however they were spelled
+    assert engine_name(EngineSpec("tiny-llava-ov", "iwp", 64, options=(("lam", 0.3),)), "2x2") == names[0]
+    assert engine_name(EngineSpec("tiny-llava-ov", "iwp", 64, model_path="/elsewhere"), "2x2") == names[0]
 
 
 def _png(tmp_path):
@@ -123,3 +151,11 @@ def test_ablate_times_real_selections(capsys):
     assert code == 0
     default = next(line for line in out.splitlines() if line.startswith("| default |"))
     assert float(default.strip("| ").split("|")[-1]) > 0  # select ms: the recorded views were timed
+
+
+def test_the_readmes_engine_names_are_the_ones_a_default_build_gets():
+    from pathlib import Path
+    from iwp.export.engine import EngineSpec, engine_name
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"engines/{engine_name(EngineSpec('tiny-llava-ov', 'iwp', 64), '2x2')} " in readme
+    assert f"engines/{engine_name(EngineSpec('tiny-llava-ov', 'none'), '2x2')}" in readme

@@ -1,5 +1,7 @@
 """TensorRT engine builds: what can be checked without TensorRT (backend choice, version checks, profiles,
 the error a user gets), plus the plan build itself where TensorRT is installed."""
+import re
+
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -33,8 +35,8 @@ def test_engine_with_tensorrt_backend_fails_in_one_line_before_any_work(capsys, 
 
 
 def test_spec_and_directory_name_carry_the_backend():
-    assert engine_name(EngineSpec("m", "iwp", 64, backend="tensorrt"), "2x2") == "m-iwp-b64-2x2-trt"
-    assert engine_name(EngineSpec("m", "iwp", 64), "2x2") == "m-iwp-b64-2x2"
+    assert re.fullmatch(r"m-iwp-b64-2x2-trt-[0-9a-f]{8}", engine_name(EngineSpec("m", "iwp", 64, backend="tensorrt"), "2x2"))
+    assert re.fullmatch(r"m-iwp-b64-2x2-[0-9a-f]{8}", engine_name(EngineSpec("m", "iwp", 64), "2x2"))
     with pytest.raises(ValueError, match="BACKEND=auto is not one of onnxruntime, tensorrt"):
         EngineSpec("m", "iwp", 64, backend="auto")
 

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--budget", type=positive_int, default=None, help="refuse an engine built for another budget")
+    p.add_argument("--method", default=None, help="refuse an engine built for another method")
+    p.add_argument("--option", action="append", default=[],
+                   help="name=value: refuse an engine built with another value of this option (repeatable)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

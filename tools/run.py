@@ -1,12 +1,40 @@
 """`iwp run` (generate from an engine, streaming) and `iwp prepare` (the C++ example app's inputs)."""
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+
+from .options import parse_options
+
+
+def check_asked(directory, method, asked_method: str | None, asked_options: dict) -> None:
+    """Refuse an engine built otherwise than the command line asks: its method, or any option given."""
+    if asked_method is not None and asked_method != method.name:
+        raise ValueError(f"engine {directory} runs method {method.name}, not {asked_method}; build one with "
+                         f"`make engine METHOD={asked_method}`")
+    if not asked_options:
+        return
+    if method.name == "none":
+        raise ValueError(f"engine {directory} is unpruned (method none); it has no options to match")
+    from iwp.plugins.visual_token_select import make_method
+    wanted = make_method(method.name, **asked_options).config      # checked and typed as the build does
+    for name in sorted(asked_options):
+        built, asked = method.config[name], getattr(wanted, name)
+        if (list(built) if isinstance(built, (list, tuple)) else built) != \
+                (list(asked) if isinstance(asked, (list, tuple)) else asked):
+            raise ValueError(f"engine {directory} was built with {name}={json.dumps(built)}, not "
+                             f"{json.dumps(asked, default=list)}; build one with `iwp engine --method {method.name} "
+                             f"--option {name}={json.dumps(asked, default=list, separators=(',', ':'))}`")
 
 
 def command(args) -> None:
     from iwp.runtime.pipeline import Pipeline
     pipeline = Pipeline.from_engine(args.engine, budget=args.budget)
+    method = pipeline.manifest.method
+    check_asked(args.engine, method, args.method, parse_options(args.option))
+    print(f"engine    {args.engine}: {method.name}, budget {method.budget}, options {json.dumps(method.config)}",
+          file=sys.stderr, flush=True)
     pipeline.generate(args.image, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                       on_text=lambda text: print(text, end="", flush=True))
     print()
