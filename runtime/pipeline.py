@@ -56,6 +56,8 @@ class Pipeline:
         from iwp.processor import processor_from_checkpoint
         manifest = read_engine(directory)
         built = manifest.method.budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise TypeError(f"budget must be an int (the visual tokens the engine keeps), got {type(budget).__name__}")
         if budget is not None and budget != built:
             raise ValueError(f"engine {directory} was built for budget {built}, not {budget}; "
                              f"run `make engine BUDGET={budget}` or use the engine built for it")

@@ -44,6 +44,9 @@ def test_engine_builds_and_reports_kept_tokens_flops_and_answer(capsys, tmp_path
     code, _, err = run(capsys, "run", "--engine", str(engine), "--image", str(_png(tmp_path)), "--prompt", "x",
                        "--temperature", "inf")
     assert code == 2 and "temperature must be finite" in err
+    code, _, err = run(capsys, "run", "--engine", str(engine), "--image", str(_png(tmp_path)), "--prompt", "x",
+                       "--temperature", "0.7", "--seed", str(2**70 + 5), "--max-new-tokens", "2")
+    assert code == 0, err                                  # any seed: taken modulo 2**64, as in the C++ core
 
 
 def test_engines_that_differ_in_any_input_get_their_own_directory(tmp_path):
