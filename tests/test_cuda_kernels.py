@@ -341,14 +341,17 @@ SWEEP = {
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(sorted(METHODS)), seed=st.integers(0, 10_000), n=st.integers(2, 48),
        b=st.integers(1, 3), gqa=st.sampled_from([(4, 2), (4, 4), (6, 2)]), d=st.sampled_from([16, 40]),
-       data=st.data())
-def test_kernels_match_reference_sweep(kernels, name, seed, n, b, gqa, d, data):
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), data=st.data())
+def test_kernels_match_reference_sweep(kernels, name, seed, n, b, gqa, d, dtype, data):
     keep = data.draw(st.integers(1, n))
     method = make_method(name, **data.draw(SWEEP[name]))
     stages = data.draw(st.integers(1, 3))
     view = synthetic_view(B=b, N=n, Q=data.draw(st.integers(1, 4)), Hq=gqa[0], Hkv=gqa[1], d=d, seed=seed,
                           stage=data.draw(st.integers(0, stages - 1)), n_stages=stages)
-    assert cuda.select(method, view, keep, kernels=kernels).tolist() == method.select(view, keep).tolist()
+    rounded = dataclasses.replace(view, **{f: getattr(view, f).to(dtype).float()
+                                           for f in ("hidden", "q", "k", "q_rot", "k_rot", "v")})
+    assert cuda.select(method, view, keep, dtype=dtype, kernels=kernels).tolist() == \
+        method.select(rounded, keep).tolist()
 
 
 def test_gpu_selection_is_capturable_in_a_cuda_graph():

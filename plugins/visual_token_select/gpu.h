@@ -15,8 +15,10 @@
 #include <cmath>
 #include <cstring>
 
-// HIP-CPU marks kernels flatten+simd and device functions simd: SIMD clones of every function for nothing here
-// (its lanes are fibers, not vector lanes) and minutes of compile time; both are plain functions.
+// __launch_bounds__, __forceinline__, __shared__ (thread_local: a block runs on one thread) and __syncthreads
+// come from HIP-CPU as they are. It marks kernels flatten+simd and device functions simd: SIMD clones of every
+// function for nothing here (its lanes are fibers, not vector lanes) and minutes of compile time; both are
+// plain functions here.
 #undef __global__
 #define __global__
 #undef __device__
