@@ -1,9 +1,10 @@
 """Artifacts written all-or-nothing: a directory is built under a temporary name beside its target and renamed
 into place only when complete, so an interrupted run leaves the old directory or none, never a partial one.
 
-Each staging directory `.<target>.<random>` has a lock file beside it, `.<target>.<random>.lock`, held (flock)
-for as long as its builder lives. A killed builder's lock is released by the kernel, so the next staging in the
-same folder removes what it left: leftovers never pile up, and a live build is never touched."""
+Each staging directory `.<target>.iwp-staging-<random>` has a lock file beside it (the same name + `.lock`),
+held with flock for as long as its builder lives. A killed builder's lock is released by the kernel, so the
+next staging in the same folder removes what it left: leftovers never pile up, and a live build is never
+touched. Only names of that exact form are ever swept, so nothing of the user's can match."""
 from __future__ import annotations
 
 import fcntl
@@ -11,50 +12,61 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 LOCK = ".lock"
-STAGING_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}$")   # `.<target>.` + mkstemp's 8 random characters
-UNLOCKED_GRACE_S = 3600   # a staging directory with no lock file (older iwp) is stale after this long
+STAGING = ".iwp-staging-"
+STAGING_NAME = re.compile(r"^\..+\.iwp-staging-[a-z0-9_]{8}$")   # mkstemp's 8 random characters at the end
 
 
-def _free(lock: Path) -> bool:
-    """Whether no live process holds `lock` (flock is released when its holder dies)."""
+def _locked_free(lock: Path):
+    """An fd holding `lock`'s flock when no live process holds it (flock is released when its holder dies);
+    None when someone holds it, or it is gone or not ours to open."""
     try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        return True
+        fd = os.open(lock, os.O_RDONLY)
+    except (FileNotFoundError, PermissionError):
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
+        return fd
     except BlockingIOError:
-        return False
-    finally:
         os.close(fd)
+        return None
 
 
 def sweep_stale(parent: Path) -> list[Path]:
     """Remove the staging directories in `parent` whose builder is gone; returns what was removed."""
     removed = []
-    for path in Path(parent).glob(".*"):
-        if not path.is_dir() or not STAGING_NAME.match(path.name):
+    for lock in sorted(Path(parent).glob(f".*{STAGING}*{LOCK}")):
+        staging = lock.with_name(lock.name[: -len(LOCK)])
+        if not STAGING_NAME.match(staging.name):
             continue
-        lock = path.with_name(path.name + LOCK)
-        if lock.exists():
-            stale = _free(lock)
-        else:
-            stale = time.time() - path.stat().st_mtime > UNLOCKED_GRACE_S
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
+        fd = _locked_free(lock)
+        if fd is None:
+            continue
+        try:   # removed while holding the lock, so a builder that takes it meanwhile sees its lock file gone
+            if staging.is_dir() and not staging.is_symlink():
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
             lock.unlink(missing_ok=True)
-            removed.append(path)
-    for lock in Path(parent).glob(f".*{LOCK}"):   # a builder killed between its lock and its directory
-        base = lock.with_name(lock.name[: -len(LOCK)])
-        if STAGING_NAME.match(base.name) and not base.exists() and _free(lock):
-            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
     return removed
+
+
+def _new_lock(target: Path) -> tuple[int, Path]:
+    """A fresh lock file beside `target`, flocked by us. A sweeper may take a lock in the moment before we flock
+    it and unlink it; flock then holds an unlinked file, so check it is still the one on disk, else start over."""
+    while True:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}{STAGING}", suffix=LOCK, dir=target.parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(name).st_ino == os.fstat(fd).st_ino:
+                return fd, Path(name)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @contextmanager
@@ -64,12 +76,11 @@ def staging_directory(target: Path):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target.parent)
-    fd, lock_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=LOCK, dir=target.parent)
-    lock = Path(lock_name)
+    fd, lock = _new_lock(target)
     staging = lock.with_name(lock.name[: -len(LOCK)])
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         staging.mkdir(mode=0o755)
+        os.chmod(staging, 0o755)   # mkdir's mode is masked by the umask; reports and engines are meant to be shared
         try:
             yield staging
         except BaseException:
@@ -86,7 +97,6 @@ def staged_directory(target: Path):
     target = Path(target)
     with staging_directory(target) as staging:
         yield staging
-        os.chmod(staging, 0o755)  # reports and models are meant to be shared
         if target.exists():
             shutil.rmtree(target)
         os.rename(staging, target)

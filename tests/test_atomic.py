@@ -1,5 +1,4 @@
 """All-or-nothing directories: a killed builder's staging is swept by the next one; a live one never is."""
-import os
 import signal
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from iwp.atomic import UNLOCKED_GRACE_S, staged_directory, staging_directory, sweep_stale
+from iwp.atomic import staged_directory, staging_directory, sweep_stale
 
 HOLD = """
 import sys, time
@@ -45,17 +44,20 @@ def test_a_killed_builders_staging_is_removed_by_the_next_and_a_live_one_is_kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine-a"]
 
 
-def test_only_staging_names_are_swept(tmp_path):
-    old = time.time() - 2 * UNLOCKED_GRACE_S
-    keep = [tmp_path / ".git", tmp_path / ".venv", tmp_path / "visible.abcdefgh"]
-    stale = tmp_path / ".engine-x.k3j_2a9z"        # an older iwp's staging, no lock file, old
-    fresh = tmp_path / ".engine-y.q8w7e6r5"        # no lock, but recent: maybe a builder just starting
-    for path in keep + [stale, fresh]:
+def test_only_unlocked_staging_names_are_swept(tmp_path):
+    """Hidden directories of the user's, old or not, with or without a lock-looking file, are never touched."""
+    users = [tmp_path / n for n in (".git", ".venv", ".ssh.20240101", ".vim.backup_1", ".config.old_copy",
+                                    ".engine-x.k3j_2a9z", "visible.iwp-staging-abcdefgh")]
+    for path in users:
         path.mkdir()
-    for path in keep + [stale]:
-        os.utime(path, (old, old))
+    (tmp_path / ".vim.backup_1.lock").write_text("")
+    (tmp_path / "visible.iwp-staging-abcdefgh.lock").write_text("")
+    stale = tmp_path / ".engine-y.iwp-staging-q8w7e6r5"       # a killed builder's: unlocked lock file beside it
+    stale.mkdir()
+    (tmp_path / ".engine-y.iwp-staging-q8w7e6r5.lock").write_text("")
     assert sweep_stale(tmp_path) == [stale]
-    assert all(p.is_dir() for p in keep + [fresh])
+    assert all(p.is_dir() for p in users)
+    assert not (tmp_path / ".engine-y.iwp-staging-q8w7e6r5.lock").exists()
 
 
 def test_a_failed_build_leaves_nothing(tmp_path):
