@@ -1,6 +1,6 @@
 """Build an engine directory: four ONNX graphs, the processor files and manifest.json.
 
-    engines/<model>-<method>-b<budget>-<grid>[-trt]/
+    engines/<model>-<method>[-b<budget>]-<grid>[-native][-fp16][-trt]-<settings hash>/
         embed.onnx vision.onnx prefill.onnx decode.onnx
         embed.plan ... decode.plan   (BACKEND=tensorrt: TensorRT engines, version in the manifest)
         tokenizer files, preprocessor_config.json, chat_template.jinja, processor_config.json
@@ -16,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -28,41 +26,10 @@ import torch
 from iwp.atomic import staging_directory
 from iwp.engine_format import FORMAT, GRAPHS, EngineManifest, GraphIO, TensorSpec, sha256
 
+from .spec import DTYPE_NAMES, EngineSpec
+
 # fp16 graphs are fp16 in the file (TensorRT 11 builds only strongly typed networks); selection scores in fp32
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    model: str
-    method: str                    # a method name or "none"
-    budget: int | None = None      # None: the preset's (resolved once, in build)
-    grid: str | None = None
-    max_text_tokens: int = 128     # prompt tokens beside the image; fixes the prefill length
-    max_new_tokens: int = 32
-    dtype: str = "fp32"
-    select: str = "plugin"
-    model_path: str | None = None
-    random_weights: bool = False
-    options: tuple = ()            # method options as sorted (name, value) pairs
-    external_data: bool = False    # weights in a side file even under 2 GB (over 2 GB they always are)
-    backend: str = "onnxruntime"   # or "tensorrt": also build a .plan per graph (export/tensorrt.py)
-    trt_workspace_gb: float | None = None   # TensorRT builder's tactic workspace cap in GiB (None: TensorRT's)
-
-    def __post_init__(self):
-        if self.max_text_tokens < 1 or self.max_new_tokens < 1:
-            raise ValueError("max_text_tokens and max_new_tokens must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"DTYPE={self.dtype} is not one of {', '.join(DTYPES)}")
-        if self.select not in ("plugin", "native"):
-            raise ValueError(f"SELECT={self.select} is not one of plugin, native")
-        if self.backend not in ("onnxruntime", "tensorrt"):
-            raise ValueError(f"BACKEND={self.backend} is not one of onnxruntime, tensorrt (auto is resolved first)")
-        gb = self.trt_workspace_gb
-        if gb is not None and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not math.isfinite(gb)
-                               or gb <= 0):
-            raise ValueError(f"--trt-workspace-gb {gb} must be a positive number of GiB (Orin's CPU and GPU share "
-                             "one DRAM; e.g. 2)")
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16)))   # the spec's names, as torch dtypes
 
 
 def engine_name(spec: EngineSpec, grid_name: str) -> str:
@@ -81,9 +48,10 @@ def settings_hash(spec: EngineSpec) -> str:
     workspace. A checkpoint's location is not an input: the same weights anywhere give the same engine."""
     from iwp.plugins.visual_token_select import make_method
     config = dataclasses.asdict(make_method(spec.method, **dict(spec.options)).config) if spec.method != "none" else {}
+    workspace = float(spec.trt_workspace_gb) if spec.backend == "tensorrt" and spec.trt_workspace_gb else None
     key = {"config": config, "max_text_tokens": spec.max_text_tokens, "max_new_tokens": spec.max_new_tokens,
            "random_weights": spec.random_weights, "external_data": spec.external_data,
-           "trt_workspace_gb": spec.trt_workspace_gb}
+           "trt_workspace_gb": workspace}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 
@@ -164,6 +132,9 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
                   dtype=DTYPES[spec.dtype])
     spec = dataclasses.replace(spec, budget=spec.budget or loaded.spec.budget)
+    if spec.method != "none":   # options as the config holds them (lam=1 is lam=1.0), so the hash is of the values
+        config = make_method(spec.method, **dict(spec.options)).config
+        spec = dataclasses.replace(spec, options=tuple(sorted((k, getattr(config, k)) for k, _ in spec.options)))
     target = out_root / engine_name(spec, loaded.spec.grid_name)
     expected = inputs_hash(spec, _weights_identity(loaded))
     if is_current(target, expected):
@@ -250,19 +221,22 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
-    """Move a finished engine into place. A concurrent builder that finishes first wins; its engine is
-    equivalent (same inputs), so ours is dropped rather than swapped in under a reader."""
+    """Move a finished engine into place. An existing directory (stale or damaged: an intact one with the same
+    inputs was reused before any work) is first moved aside into a locked staging name, so a kill between the
+    two renames leaves nothing the next build does not sweep. If a concurrent builder's engine lands in between,
+    it has the same inputs and ours is dropped."""
     try:
         os.rename(staging, target)  # atomic; fails if target exists and is not empty
+        return
     except OSError:
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        pass
+    with staging_directory(target) as aside:
         try:
-            os.rename(target, old)
+            os.rename(target, aside)  # over the empty staging directory
         except FileNotFoundError:
-            old = None
+            pass
         try:
             os.rename(staging, target)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)

@@ -15,6 +15,7 @@ from iwp.tools.options import parse_options
     ("iwp", "lam=abc", "must be a finite number"),
     ("iwp", "lam=NaN", "must be a finite number"),
     ("iwp", "growth=Infinity", "must be a finite number"),
+    ("iwp", "lam=1" + "0" * 400, "must be a finite number"),
     ("iwp", "layer=4294967296", "int32 range"),
     ("iwp", "queries=3", "must be a string"),
     ("iwp", "lam=2", "lam must be in [0, 1]"),

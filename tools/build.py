@@ -16,13 +16,13 @@ SPEC_FLAGS = {"max_text_tokens": "max_text_tokens", "max_new_tokens": "max_new_t
 
 
 def spec_default(field: str):
-    from iwp.export.engine import EngineSpec
+    from iwp.export.spec import EngineSpec
     return next(f.default for f in dataclasses.fields(EngineSpec) if f.name == field)
 
 
 def engine_spec(args):
     """The EngineSpec the arguments ask for; bad methods, options, images and backends fail here, before any work."""
-    from iwp.export.engine import EngineSpec
+    from iwp.export.spec import EngineSpec
     from iwp.export.tensorrt import resolve_backend
     from iwp.inputs import check_prompt
     from iwp.zoo import get_spec
@@ -32,6 +32,9 @@ def engine_spec(args):
     if args.image:
         from iwp.inputs import load_image
         load_image(args.image)  # an unreadable image fails now, not after the export
+    if args.method == "none" and args.option:
+        raise ValueError(f"--option {args.option[0]} is for a selection method; METHOD=none prunes nothing and "
+                         f"takes no options")
     options = method_options(spec, args.method, parse_options(args.option)) if args.method != "none" else {}
     if args.method != "none":
         from iwp.plugins.visual_token_select import make_method

@@ -35,10 +35,13 @@ def record(pipeline, image=None, prompt: str = "What is in the image?") -> dict[
     """Every graph's first feeds in one generation of two tokens (so decode runs once)."""
     from iwp.demo import demo_image
     image = image or demo_image(0, tuple(pipeline.manifest.model.resolution[::-1]))
+    if pipeline.max_new_tokens < 2:
+        raise ValueError(f"engine {pipeline.directory} has room for {pipeline.max_new_tokens} new token, so its decode "
+                         f"graph never runs; build it with --max-new-tokens 2 or more to compare it")
     recorder = Recorder()
     pipeline.observe(recorder)
-    try:
-        pipeline.generate_ids(image, prompt, max_new_tokens=min(2, pipeline.max_new_tokens))
+    try:   # no stop token: decode runs even when the first token is EOS
+        pipeline.decode(pipeline.prefill(pipeline.prepare(image, prompt)), 2, stop_tokens=[])
     finally:
         pipeline.observe(None)
     return recorder.feeds

@@ -29,10 +29,12 @@ def check_asked(directory, method, asked_method: str | None, asked_options: dict
 
 
 def command(args) -> None:
-    from iwp.runtime.pipeline import Pipeline
+    from iwp.runtime.pipeline import Pipeline, read_manifest
+    # the asked-for method and options are checked before the files are hashed and the sessions loaded
+    check_asked(args.engine, read_manifest(args.engine, verify_files=False).method, args.method,
+                parse_options(args.option))
     pipeline = Pipeline.from_engine(args.engine, budget=args.budget)
     method = pipeline.manifest.method
-    check_asked(args.engine, method, args.method, parse_options(args.option))
     print(f"engine    {args.engine}: {method.name}, budget {method.budget}, options {json.dumps(method.config)}",
           file=sys.stderr, flush=True)
     pipeline.generate(args.image, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,

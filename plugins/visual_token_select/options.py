@@ -36,7 +36,11 @@ def _coerce(kind: type, value):
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
-        return float(value) if math.isfinite(value) else None
+        try:
+            value = float(value)          # an int past 1e308 does not convert
+        except OverflowError:
+            return None
+        return value if math.isfinite(value) else None
     if kind is str:
         return value if isinstance(value, str) else None
     if kind is tuple:
