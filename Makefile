@@ -61,7 +61,7 @@ ifeq ($(NVCC),)
 	@echo "iwp: nvcc not found: skipping the CUDA kernels and the TensorRT plugin"
 else
 	@mkdir -p build
-	$(VENV)/bin/cmake -S plugins -B $(PLUGIN_BUILD) -DCMAKE_CUDA_COMPILER=$(NVCC) \
+	$(VENV)/bin/cmake -S plugins -B $(PLUGIN_BUILD) -DCMAKE_CUDA_COMPILER=$(NVCC) -DIWP_PYTHON=$(abspath $(PY)) \
 		$(if $(TENSORRT_ROOT),-DTENSORRT_ROOT=$(TENSORRT_ROOT)) > $(PLUGIN_BUILD).log
 	$(VENV)/bin/cmake --build $(PLUGIN_BUILD) -j2
 	@test -f $(PLUGIN_BUILD)/libiwp_trt_plugins.so \
