@@ -266,7 +266,7 @@ def _scene(rng: random.Random, shapes: list[Shape], constraint=None, zoom: float
     return Scene(placed, text, sign, background, tone, rng.randrange(2**31), zoom)
 
 
-def _plural(kind: str) -> str:
+def plural(kind: str) -> str:
     return kind + "s"
 
 
@@ -304,7 +304,7 @@ def _counting(rng: random.Random):
         kind = rng.choice(SHAPES)
         hits = [Shape(kind, rng.choice(sorted(COLOURS)), rng.choice(sorted(SIZES))) for _ in range(count)]
         others = [_random_shape(rng, lambda s: s.kind == kind) for _ in range(extra)]
-        question = f"How many {_plural(kind)} are there?"
+        question = f"How many {plural(kind)} are there?"
     return [*hits, *others], None, question, str(count)
 
 
@@ -387,7 +387,7 @@ def ask(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
                 colour = rng.choice(sorted(COLOURS))
                 return (f"How many {colour} shapes are there?", str(sum(s.colour == colour for s in shapes)), qtype)
             kind = rng.choice(SHAPES)
-            return f"How many {_plural(kind)} are there?", str(sum(s.kind == kind for s in shapes)), qtype
+            return f"How many {plural(kind)} are there?", str(sum(s.kind == kind for s in shapes)), qtype
         if qtype == "existence":
             kind, colour = rng.choice(SHAPES), rng.choice(sorted(COLOURS))
             present = any(s.kind == kind and s.colour == colour for s in shapes)

@@ -92,7 +92,8 @@ class PrunedLlavaOnevision(torch.nn.Module):
         return self.hf.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                             position_ids=batch.positions, output_hidden_states=True).hidden_states
 
-    def _qkv(self, layer, h: Tensor, positions: Tensor):
+    def qkv(self, layer, h: Tensor, positions: Tensor):
+        """(q, k, v, q_rot, k_rot) of `layer` on h [B, T, D]: [B, H, T, d] each, the last two with RoPE."""
         b, t, _ = h.shape
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -134,7 +135,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
         ttv = torch.zeros(b, n, device=embeds.device) if ttv_start is not None else None
         kept: list[Tensor] = []
         for index, layer in enumerate(self.layers):
-            q, k, v, q_rot, k_rot = self._qkv(layer, h, positions)
+            q, k, v, q_rot, k_rot = self.qkv(layer, h, positions)
             if index in stages:
                 n_alive = original.shape[1]
                 view = LayerView(h, q, k, q_rot, k_rot, v, key_mask, visual_start, n_alive, query_idx,
@@ -170,7 +171,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
         h = embeds
         keys, values, valid = list(keys), list(values), list(valid)
         for index, layer in enumerate(self.layers):
-            _, _, v, q_rot, k_rot = self._qkv(layer, h, positions[:, None])
+            _, _, v, q_rot, k_rot = self.qkv(layer, h, positions[:, None])
             keys[index], values[index], valid[index] = write_slot(
                 keys[index], values[index], valid[index], step + prefill_len[index], k_rot, v)
             h, *_ = self._finish_layer(layer, h, q_rot, keys[index], values[index], valid[index][:, None, None, :])

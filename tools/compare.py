@@ -37,7 +37,7 @@ def layer_attention_error(model: PrunedLlavaOnevision, hidden, batch: Batch, lay
     """Relative error of layer `layer`'s attention output for the instruction queries, kept set vs all tokens.
     `hidden` is model.hidden_states(...) of the unpruned run, computed once per batch by the caller."""
     block = model.layers[layer]
-    _, _, v, q_rot, k_rot = model._qkv(block, hidden[layer], batch.positions)
+    _, _, v, q_rot, k_rot = model.qkv(block, hidden[layer], batch.positions)
     b, t = batch.input_ids.shape
     rows = batch.query_idx                                                     # [B, Q]
     q = q_rot.gather(2, rows[:, None, :, None].expand(-1, q_rot.shape[1], -1, q_rot.shape[-1]))

@@ -214,7 +214,7 @@ def hide_background(batch: dict, labels: list[np.ndarray], image_token: int, sha
 
 def naming_ids(tokenizer) -> set[int]:
     """Token ids of the words that name what a question is about: colours, kinds (and plurals), "sign"."""
-    words = [*ovqa.COLOURS, *ovqa.SHAPES, *(ovqa._plural(k) for k in ovqa.SHAPES), "sign"]
+    words = [*ovqa.COLOURS, *ovqa.SHAPES, *(ovqa.plural(k) for k in ovqa.SHAPES), "sign"]
     return {i for w in words for i in tokenizer.encode(f" {w}")}
 
 

@@ -97,18 +97,22 @@ def params(method, view: LayerView, keep: int, kernels: Kernels | None = None) -
     lib = kernels or library()
     attrs = contract.complete_attributes(contract.node_attributes(method, keep, view.layer, view.stage,
                                                                   view.n_stages))
-    method_id = lib.iwpVtsMethodId(method.name.encode())
-    if method_id < 0:
-        raise ValueError(f"the CUDA kernels have no method {method.name!r}")
+    if lib.iwpVtsMethodId(method.name.encode()) != contract.METHOD_IDS.get(method.name, -1):
+        raise ValueError(f"the kernel library's id for {method.name!r} is not the contract's; rebuild it (make plugins)")
     b, t, width = view.hidden.shape
-    return Params(method=method_id, dtype=DTYPES.get(view.q.dtype, -1), batch=b, tokens=t, width=width,
-                  queryHeads=view.q.shape[1], kvHeads=view.k.shape[1], headDim=view.q.shape[3],
-                  visual=view.n_visual, queries=view.query_idx.shape[1], keep=keep, stage=view.stage,
-                  nStages=view.n_stages, lam=attrs["lam"], chunk=attrs["chunk"], growth=attrs["growth"],
-                  queriesLast=int(attrs["queries"] == "last"), rebalance=int(attrs["rebalance"]),
-                  pivots=attrs["pivots"], seed=attrs["seed"], alpha=attrs["alpha"],
-                  attentionFirst=attrs["attention_first"], attentionLast=attrs["attention_last"],
-                  seedFraction=attrs["seed_fraction"])
+    shapes = {"dtype": DTYPES.get(view.q.dtype, -1), "batch": b, "tokens": t, "width": width,
+              "queryHeads": view.q.shape[1], "kvHeads": view.k.shape[1], "headDim": view.q.shape[3],
+              "visual": view.n_visual, "queries": view.query_idx.shape[1]}
+    return Params(**{field: shapes[field] if source is None else _param(source, attrs[source])
+                     for field, _, source in contract.PARAMS})
+
+
+def _param(attribute: str, value):
+    """An attribute as IwpVtsParams keeps it: a closed-set string as its position (another method's neutral ""
+    as 0, which that method never reads), a bool as 0/1."""
+    if attribute in contract.CHOICES:
+        return contract.CHOICES[attribute].index(value) if value else 0
+    return int(value) if isinstance(value, bool) else value
 
 
 def check(p: Params, kernels: Kernels | None = None) -> None:

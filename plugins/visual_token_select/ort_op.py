@@ -40,8 +40,8 @@ def _select(arrays, node_attrs):
     for mask in (contract.INPUTS.index("key_mask"), contract.INPUTS.index("query_mask")):
         tensors[mask] = tensors[mask] != 0  # int32 on the node (TensorRT plugins take no bool)
     options = {k: v for k, v in node_attrs.items() if k not in contract.CORE_ATTRIBUTES}   # method_from_attributes keeps its own
-    keep, layer = int(node_attrs["keep"]), int(node_attrs.get("layer_index", 0))
-    stage, n_stages = int(node_attrs.get("stage", 0)), int(node_attrs.get("n_stages", 1))
+    core = {**contract.CORE_DEFAULTS, **node_attrs}   # the contract's defaults for any core attribute left out
+    keep, layer, stage, n_stages = (int(core[k]) for k in ("keep", "layer_index", "stage", "n_stages"))
     method = method_from_attributes({"method": node_attrs["method"], **options})
     view = LayerView(*tensors[:8], tensors[11].shape[1], *tensors[8:], layer, stage, n_stages)
     start = time.perf_counter()
