@@ -55,6 +55,18 @@ def test_cpu_kernel_survives_nan(name):
     assert out.unique().numel() == 6 and torch.equal(out, out.sort().values) and int(out.max()) < 20
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("tensor", ["q", "k", "q_rot", "k_rot"])
+def test_cpu_kernel_keeps_nan_where_the_reference_does(name, tensor):
+    """A NaN in a query or key of one visual token: the same indices as the reference (a NaN distance stays
+    NaN, as torch.clamp keeps it, instead of becoming 0)."""
+    view = synthetic_view(B=1, N=20, seed=3)
+    start = int(view.visual_start[0])
+    getattr(view, tensor)[0, :, start + 5] = float("nan")
+    method = make_method(name)
+    assert select(method, view, 6).tolist() == method.select(view, 6).tolist()
+
+
 def test_cpu_kernel_rejects_bad_arguments():
     view = synthetic_view(B=1, N=20, seed=2)
     with pytest.raises(ValueError, match=r"keep=21 must be in \[1, N=20\]"):

@@ -519,7 +519,7 @@ UpdateCosine::UpdateCosine(Heads const& kRot, Heads const& v, int64_t b, int64_t
 
 double UpdateCosine::exponent(int64_t h, int64_t i, int64_t c, double cross) const
 {
-    double const dist2 = i == c ? 0.0 : std::max(0.0, mSq[h * mN + i] + mSq[h * mN + c] - 2 * cross);
+    double const dist2 = i == c ? 0.0 : std::max(mSq[h * mN + i] + mSq[h * mN + c] - 2 * cross, 0.0);
     return -0.5 * dist2 + mLogW[h * mN + i] + mLogW[h * mN + c]; // <= 0
 }
 
