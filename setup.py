@@ -6,7 +6,7 @@ from setuptools import setup
 setup(
     ext_modules=[Pybind11Extension("iwp.plugins.visual_token_select._cpu",
                                    [f"plugins/visual_token_select/{name}.cpp" for name in
-                                    ("cpu_module", "cpu", "cpu_ops", "plan")], cxx_std=17,
+                                    ("cpu_module", "cpu", "cpu_ops", "cpu_panels", "plan")], cxx_std=17,
                                    # no FMA contraction (the kernel rounds as the reference); no FP traps, so the
                                    # vector exp's clamps vectorize (results are unchanged)
                                    extra_compile_args=["-O3", "-pthread", "-ffp-contract=off", "-fno-trapping-math"],

@@ -110,6 +110,9 @@ void expInPlace(double* x, int64_t n);
 // out[r][l] = Σ_e x[r][e]·panel[e][l], e ascending from 0, for the panel's 8 rows and `count` vectors x[r].
 void panelDots(double const* panel, double const* const* x, int64_t count, int64_t dim, double* const* out);
 
+// out[j][l] = Σ_e x[e]·panel[j][e][l] for four panels against one vector (a column asked for alone).
+void panelsDot4(double const* const* panel, double const* x, int64_t dim, double* const* out);
+
 // Mean over query heads and valid queries of the attention probability of each visual token, times its value
 // norm when `vnorm` ([Hkv, n], or null) is given: [n]. With q, k without RoPE and value norms this is IWP's
 // magnitude; with RoPE and no norms, the attention FastV, TransPrune and BTP rank.
