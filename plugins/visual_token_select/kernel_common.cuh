@@ -64,6 +64,25 @@ __device__ __forceinline__ float mmrScore(float mag, float maxSim, bool hasSim, 
     return finite ? rankable(score) : -FLT_MAX;
 }
 
+// Σ row[e]² over e < n, one warp per row: each lane sums its strided elements in order, then a fixed shuffle
+// tree; lane 0 holds the total. Every lane must call it (no early return before the shuffles), so inactive
+// lanes pass active = false and add nothing.
+template <typename T>
+__device__ float warpSquaredNorm(T const* row, int64_t n, int lane, bool active)
+{
+    float sum = 0.0F;
+    for (int64_t e = lane; active && e < n; e += 32)
+    {
+        float const x = toFloat(row[e]);
+        sum += x * x;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1)
+    {
+        sum += __shfl_down_sync(0xFFFFFFFFU, sum, offset);
+    }
+    return sum;
+}
+
 // Deterministic block reductions: a shuffle tree per warp, then warp 0 over the warp results in order.
 template <typename T, typename Op>
 __device__ T blockReduce(T value, Op op, T* shared)

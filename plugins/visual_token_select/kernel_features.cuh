@@ -161,17 +161,7 @@ __global__ void inverseNormKernel(T const* hidden, int64_t const* visualStart, f
     // no early return: every lane of the block reaches the shuffles (HIP-CPU runs them as block barriers)
     bool const active = token < batch * visual;
     int64_t const b = active ? token / visual : 0, i = active ? token % visual : 0;
-    T const* row = hidden + (b * tokens + visualStart[b] + i) * width;
-    float sum = 0.0F;
-    for (int64_t e = lane; active && e < width; e += 32)
-    {
-        float const x = toFloat(row[e]);
-        sum += x * x;
-    }
-    for (int offset = 16; offset > 0; offset >>= 1)
-    {
-        sum += __shfl_down_sync(0xFFFFFFFFU, sum, offset);
-    }
+    float const sum = warpSquaredNorm(hidden + (b * tokens + visualStart[b] + i) * width, width, lane, active);
     if (active && lane == 0)
     {
         inverse[token] = 1.0F / clampMin(sqrtf(sum), static_cast<float>(kEps));

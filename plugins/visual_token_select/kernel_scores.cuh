@@ -41,18 +41,7 @@ __global__ void keyNormKernel(T const* k, int64_t const* visualStart, float* sco
     float total = 0.0F;
     for (int64_t g = 0; g < kvHeads; ++g)
     {
-        T const* row = k + ((b * kvHeads + g) * tokens + visualStart[b] + i) * dim;
-        float sum = 0.0F;
-        for (int64_t e = lane; active && e < dim; e += 32)
-        {
-            float const x = toFloat(row[e]);
-            sum += x * x;
-        }
-        for (int offset = 16; offset > 0; offset >>= 1)
-        {
-            sum += __shfl_down_sync(0xFFFFFFFFU, sum, offset);
-        }
-        total += sqrtf(sum);
+        total += sqrtf(warpSquaredNorm(k + ((b * kvHeads + g) * tokens + visualStart[b] + i) * dim, dim, lane, active));
     }
     if (active && lane == 0)
     {
