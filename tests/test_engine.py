@@ -229,7 +229,7 @@ def test_fp16_engine_is_fp16_in_the_file_and_keeps_the_references_tokens(tmp_pat
     from iwp.zoo import load
     spec = EngineSpec("tiny-llava-ov", "iwp", 32, max_text_tokens=48, max_new_tokens=8, dtype="fp16")
     directory = build(spec, tmp_path, progress=lambda _: None)
-    assert directory.name.endswith("-fp16")
+    assert re.fullmatch(r".*-fp16-[0-9a-f]{8}", directory.name), directory.name   # dtype, then the settings hash
     prefill = onnx.load(directory / "prefill.onnx")
     embeds = next(i for i in prefill.graph.input if i.name == "inputs_embeds")
     assert embeds.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
