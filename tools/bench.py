@@ -244,3 +244,11 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def command(args) -> None:
+    """`iwp bench` from its parsed arguments."""
+    from .options import csv_list
+    run(args.model, csv_list(args.methods, str), csv_list(args.budgets, int), args.repeats, args.warmup,
+        args.random_weights, args.model_path, out=Path(args.out), progress=lambda line: print(line, flush=True),
+        backend=args.backend, device=args.device, dtype=args.dtype, grid=args.grid)

@@ -58,3 +58,8 @@ def run(repeats: int = 50) -> None:
         t32, same = row(make_method(name), view, 128, repeats)
         t16, _ = row(make_method(name), view, 128, repeats, torch.float16)
         print(f"| {name} | 1485 | 128 | {t32:.1f} | {t16:.1f} | {'yes' if same else 'NO'} |", flush=True)
+
+
+def command(args) -> None:
+    """`iwp bench-cuda` from its parsed arguments."""
+    run(args.repeats)

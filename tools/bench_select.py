@@ -52,3 +52,8 @@ def run(repeats: int = 5) -> None:
         for k in BUDGETS:
             fast, slow = time_select(chunked, view, k, repeats), time_select(greedy, view, k, repeats)
             print(f"| {n} | {k} | {fast:.1f} | {slow:.1f} | {slow / fast:.1f}x |", flush=True)
+
+
+def command(args) -> None:
+    """`iwp bench-select` from its parsed arguments."""
+    run(args.repeats)

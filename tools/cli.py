@@ -19,40 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .options import add_model_args, add_scene_args, csv_list, positive_int
-
-
-# Commands whose module has no `command(args)` of its own map their arguments here.
-def _bench_select(args) -> None:
-    from .bench_select import run
-    run(args.repeats)
-
-
-def _profile(args) -> None:
-    from .profile import run
-    run(args.engine, args.baseline, args.image, args.prompt, args.warmup, args.repeats, args.new_tokens,
-        Path(args.out))
-
-
-def _soak(args) -> None:
-    from .soak import run
-    result = run(args.engine, args.generations, args.new_tokens)
-    print(f"{result['generations']} generations in {result['seconds']:.0f}s; RSS growth after warm-up "
-          f"{result['growth_mb']:+.1f} MB")
-
-
-def _bench(args) -> None:
-    from .bench import run
-    run(args.model, csv_list(args.methods, str), csv_list(args.budgets, int), args.repeats, args.warmup,
-        args.random_weights, args.model_path, out=Path(args.out), progress=lambda line: print(line, flush=True),
-        backend=args.backend, device=args.device, dtype=args.dtype, grid=args.grid)
-
-
-def _bench_cuda(args) -> None:
-    from .bench_cuda import run
-    run(args.repeats)
+from .options import add_model_args, add_scene_args, positive_int
 
 
 def command(module: str, function: str = "command"):
@@ -64,6 +32,8 @@ def command(module: str, function: str = "command"):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from iwp.export.spec import DTYPE_NAMES
+
     from .build import spec_default
     parser = argparse.ArgumentParser(prog="iwp", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompt tokens beside the image (default {spec_default('max_text_tokens')})")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help=f"(default {spec_default('max_new_tokens')})")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16"], help=f"(default {spec_default('dtype')})")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help=f"(default {spec_default('dtype')})")
     p.add_argument("--select", default=None, choices=["plugin", "native"], help=f"(default {spec_default('select')})")
     p.add_argument("--backend", default=spec_default("backend"), choices=["onnxruntime", "tensorrt", "auto"],
                    help="tensorrt also builds a .plan per graph; auto picks it when TensorRT is present")
@@ -140,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench-select", help="IWP selection time on CPU")
     p.add_argument("--repeats", type=positive_int, default=5)
-    p.set_defaults(func=_bench_select)
+    p.set_defaults(func=command("bench_select"))
 
     p = sub.add_parser("profile", help="per-stage latency, memory and FLOP-ideal ratio of an engine")
     p.add_argument("--engine", required=True, help="the engine directory to profile")
@@ -151,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--new-tokens", type=positive_int, default=16)
     p.add_argument("--out", default="profiles", help="reports go to OUT/<engine name>/")
-    p.set_defaults(func=_profile)
+    p.set_defaults(func=command("profile"))
 
     p = sub.add_parser("soak", help="many generations in one process, watching memory")
     p.add_argument("--engine", required=True)
     p.add_argument("--generations", type=positive_int, default=1000)
     p.add_argument("--new-tokens", type=positive_int, default=16)
-    p.set_defaults(func=_soak)
+    p.set_defaults(func=command("soak"))
 
     p = sub.add_parser("eval", help="visual-QA accuracy per method x budget")
     add_model_args(p)
@@ -212,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default="benchmarks", help="reports go to OUT/<model>-<grid>/")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=command("bench"))
 
     p = sub.add_parser("bench-cuda", help="VisualTokenSelect CUDA kernel times (needs a GPU)")
     p.add_argument("--repeats", type=positive_int, default=50)
-    p.set_defaults(func=_bench_cuda)
+    p.set_defaults(func=command("bench_cuda"))
     return parser
 
 

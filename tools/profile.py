@@ -260,3 +260,9 @@ def run(engine, baseline=None, image=None, prompt: str = "What is in the image?"
     target = write_report(report, base, Path(out) / Path(engine).name)
     progress(markdown(report))
     return target
+
+
+def command(args) -> None:
+    """`iwp profile` from its parsed arguments."""
+    run(args.engine, args.baseline, args.image, args.prompt, args.warmup, args.repeats, args.new_tokens,
+        Path(args.out))

@@ -34,3 +34,10 @@ def run(engine, generations: int = 1000, new_tokens: int = 16, every: int = 100,
     elapsed = time.perf_counter() - start
     growth = samples[-1][1] - samples[0][1]
     return {"generations": generations, "seconds": elapsed, "rss_mb": samples, "growth_mb": growth}
+
+
+def command(args) -> None:
+    """`iwp soak` from its parsed arguments."""
+    result = run(args.engine, args.generations, args.new_tokens)
+    print(f"{result['generations']} generations in {result['seconds']:.0f}s; RSS growth after warm-up "
+          f"{result['growth_mb']:+.1f} MB")
