@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from iwp.atomic import staging_directory
-from iwp.engine_format import FORMAT, GRAPHS, EngineManifest, GraphIO, TensorSpec, sha256
+from iwp.engine_format import FORMAT, EngineManifest, GraphIO, TensorSpec, sha256
 
 from .spec import DTYPE_NAMES, EngineSpec
 
@@ -119,7 +119,7 @@ def graph_io(model: onnx.ModelProto, named: tuple[list, list]) -> GraphIO:
 
 def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) -> Path:
     from iwp.flops import model_dims, prefill_flops
-    from iwp.inputs import make_batch, pad_to_length
+    from iwp.inputs import fit_capacity, make_batch
     from iwp.model import PrunedLlavaOnevision
     from iwp.demo import demo_image
     from iwp.plugins.visual_token_select import make_method
@@ -127,7 +127,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     from iwp.processor import save_processor
     from iwp.zoo import load
 
-    from .graphs import DecodeGraph, EmbedGraph, PrefillGraph, VisionGraph, export_program, graph_tensors, names, save
+    from .graphs import Decoder, export_program, names, save
 
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
                   dtype=DTYPES[spec.dtype])
@@ -147,42 +147,44 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     method = None if spec.method == "none" else make_method(spec.method, **dict(spec.options))
     plan = method.plan(model.n_layers, n, budget) if method else None
     tokens_per_layer = plan.tokens_per_layer if plan else (n,) * model.n_layers
+    stages = tuple(tuple(s) for s in plan.stages) if plan else ()
+    ttv_start = getattr(method, "ttv_start", None)
+    decoder = Decoder(model.n_layers, n, stages, tied=_tied(model),
+                      ttv_layers=(ttv_start, stages[-1][0]) if ttv_start is not None and stages else None)
+    graphs = decoder.graphs()
     tokenizer = loaded.processor.tokenizer
     length = n + spec.max_text_tokens
-    batch = pad_to_length(make_batch(loaded, demo_image(0, loaded.resolution[::-1]), "Describe the image."),
-                          length, tokenizer.pad_token_id)
-    prefill_len = [length - n + k for k in tokens_per_layer]
+    batch = fit_capacity(make_batch(loaded, demo_image(0, loaded.resolution[::-1]), "Describe the image."), length)
+    cache_len = [length - n + k + spec.max_new_tokens for k in tokens_per_layer]
 
     with staging_directory(target) as staging:   # sweeps what killed builds left; removed on failure
+        table = model.embed_tokens.weight.detach()
+        table.contiguous().numpy().tofile(staging / TABLE_FILE)
+        io = {}
         with torch.no_grad():
-            embeds = model.embed(batch)
-            prefill = PrefillGraph(model, batch, method, plan, spec.max_new_tokens, native=spec.select == "native")
-            pre = model.prefill(embeds, batch, method, plan, spec.max_new_tokens)
-            decode = DecodeGraph(model, prefill_len)
-            past = [t for layer in zip(pre.cache.keys, pre.cache.values, pre.cache.valid) for t in layer]
-            tokens = torch.export.Dim("tokens", min=1, max=length)
-            (token_ids,), _ = graph_tensors("embed", model.n_layers, 0)
-            jobs = {
-                "embed": (EmbedGraph(model), (batch.input_ids,), {token_ids[0]: {1: tokens}}),
-                "vision": (VisionGraph(model, loaded.resolution), (batch.pixel_values,), None),
-                "prefill": (prefill, prefill.example_inputs(embeds), None),
-                "decode": (decode, (embeds[:, :1], pre.next_position, torch.tensor(0), *past), None),
-            }
-            n_stages = len(plan.stages) if plan else 0
-            io = {}
-            for name in GRAPHS:
+            state = _example_state(model, batch, cache_len)
+            for graph in graphs:
+                name = graph["name"]
                 progress(f"exporting {name} graph ...")
-                module, args, dynamic = jobs[name]
-                named = graph_tensors(name, model.n_layers, n_stages)
+                module, args, dynamic = _job(graph, model, decoder, method, loaded, batch, state, table, length,
+                                             native=spec.select == "native")
+                named = decoder.tensors(graph)
                 program = export_program(module, args, names(named[0]), names(named[1]), dynamic)
                 io[name] = graph_io(program.model_proto, named)
                 save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
                 del program
+                if graph["kind"] in ("segment", "select"):   # the next graph's example inputs
+                    _advance(state, named[1], module(*args))
         save_processor(loaded.processor, staging)
         tensorrt = None
         if spec.backend == "tensorrt":
+            from iwp.engine_format import GraphInfo
             from .tensorrt import build_plans
-            tensorrt = build_plans(staging, GRAPHS, length, progress, workspace_gb=spec.trt_workspace_gb)
+            infos = [GraphInfo(g["name"], g["kind"], tuple(g["layers"]) if "layers" in g else None, g.get("stage"),
+                               g.get("layer")) for g in graphs]
+            tensorrt = build_plans(staging, infos, {"max_prompt": length, "n_visual": n,
+                                                    "tokens_per_layer": list(tokens_per_layer)},
+                                   progress, workspace_gb=spec.trt_workspace_gb)
         d, m = model_dims(loaded.model)
         full = prefill_flops((n,) * model.n_layers, d, m)
         cfg = loaded.model.config.text_config
@@ -203,14 +205,17 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
                       "pruned": prefill_flops(tokens_per_layer, d, m),
                       "ratio": prefill_flops(tokens_per_layer, d, m) / full},
             "shapes": {"batch": 1, "max_prompt": length, "max_text_tokens": spec.max_text_tokens,
-                       "max_new_tokens": spec.max_new_tokens, "prefill_len": prefill_len,
-                       "cache_len": [p + spec.max_new_tokens for p in prefill_len]},
+                       "max_new_tokens": spec.max_new_tokens, "cache_len": cache_len},
             "dtype": spec.dtype, "select": spec.select, "backend": spec.backend, "tensorrt": tensorrt,
             "tokens": {"image": loaded.processor.image_token_id, "eos": tokenizer.eos_token_id,
                        "pad": tokenizer.pad_token_id},
             "tools": _tool_versions(),
             "files": {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
             "spec": dataclasses.asdict(spec),
+            "graphs": graphs,
+            "token_table": {"file": TABLE_FILE, "shape": list(table.shape), "dtype": _DTYPE_NAMES[table.dtype],
+                            "tied": decoder.tied},
+            "weights": weight_bytes(loaded.model, staging, graphs, stages, model),
             "io": {name: dataclasses.asdict(graph) for name, graph in io.items()},
         }
         # through the reader: an engine whose manifest the runtime would refuse is never written
@@ -218,6 +223,97 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
         (staging / "manifest.json").write_text(typed.to_json())
         _replace_dir(staging, target)
     return target
+
+
+TABLE_FILE = "token_table.bin"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+def _tied(model) -> bool:
+    """The LM head is the token table (Qwen2-0.5B ties them; 7B does not)."""
+    return model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+
+
+def _example_state(model, batch, cache_len: list[int]) -> dict:
+    """The prefill's tensors by role, advanced graph by graph: the example inputs of the next export."""
+    embeds = model.embed(batch)
+    dtype = embeds.dtype
+    caches = {}
+    for layer, slots in enumerate(cache_len):
+        shape = (1, model.n_kv, slots, model.head_dim)
+        caches[("key", layer)] = torch.zeros(shape, dtype=dtype)
+        caches[("value", layer)] = torch.zeros(shape, dtype=dtype)
+        caches[("valid", layer)] = torch.zeros(1, slots, dtype=torch.bool)
+    return {"hidden": embeds, "positions": batch.positions, "visual_start": batch.visual_start,
+            "query_idx": batch.query_idx, "query_mask": batch.query_mask, "last_idx": batch.last_idx,
+            "offset": torch.tensor(0), **caches}
+
+
+def _advance(state: dict, outputs: list[tuple], values) -> None:
+    for (_, role, layer, stage), value in zip(outputs, values):
+        if role in ("key", "value", "valid"):
+            continue            # the next segment's caches are its own layers' (still empty)
+        state["alive" if role == "kept" else role] = value
+
+
+def _job(graph: dict, model, decoder, method, loaded, batch, state: dict, table, length: int, native: bool):
+    """(module, example args, dynamic shapes) of one graph."""
+    from .graphs import EmbedGraph, SegmentGraph, SelectGraph, VisionGraph
+    kind = graph["kind"]
+    inputs, _ = decoder.tensors(graph)
+    if kind == "embed":
+        tokens = torch.export.Dim("tokens", min=1, max=length)
+        return EmbedGraph(), (batch.input_ids, table), ({1: tokens}, None)
+    if kind == "vision":
+        return VisionGraph(model, loaded.resolution), (batch.pixel_values,), None
+    if kind == "segment":
+        first, end = graph["layers"]
+        most = length - loaded.n_visual + decoder.alive(sum(1 for s in decoder.stages if s[0] <= first))
+        module = SegmentGraph(model, decoder, first, end)
+        tokens = torch.export.Dim("tokens", min=1, max=most)
+    else:
+        alive = decoder.alive(graph["stage"])
+        module = SelectGraph(model, decoder, method, graph["stage"], batch.visual_xy[None], native=native)
+        tokens = torch.export.Dim("tokens", min=alive + 1, max=length - loaded.n_visual + alive)
+    args = tuple(table if role == "token_table" else state[role if layer is None else (role, layer)]
+                 for _, role, layer, _ in inputs)
+    dynamic = tuple({1: tokens} if role in ("hidden", "positions", "transitions") else None
+                    for _, role, _, _ in inputs)
+    if kind == "select" and "transitions" in [role for _, role, _, _ in inputs]:
+        dynamic = tuple({2: tokens} if role == "transitions" else d for (_, role, _, _), d in zip(inputs, dynamic))
+    # by forward's parameter names, its *rest as one entry (torch.onnx turns a top-level tuple into a list)
+    params = ("hidden", "positions", "offset") if kind == "segment" else (
+        "hidden", "positions", "visual_start", "query_idx", "query_mask", "last_idx")
+    named = dict(zip(params, dynamic))
+    if len(dynamic) > len(params):
+        named["rest"] = tuple(dynamic[len(params):])
+    return module, args, named
+
+
+def weight_bytes(hf, directory: Path, graphs: list[dict], stages, model) -> dict:
+    """Distinct parameter bytes of the model (tied ones once) against the bytes the engine stores: every
+    graph's initializers and the token table; each select's copy of its layer's norm and q/k/v is named."""
+    seen, distinct = set(), 0
+    for p in hf.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            distinct += p.numel() * p.element_size()
+    stored = (directory / TABLE_FILE).stat().st_size
+    for graph in graphs:
+        proto = onnx.load(str(directory / f"{graph['name']}.onnx"), load_external_data=False)
+        for init in proto.graph.initializer:
+            count = 1
+            for d in init.dims:
+                count *= d
+            stored += count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    copies = []
+    for graph in graphs:
+        if graph["kind"] == "select":
+            layer = model.layers[graph["layer"]]
+            parts = [layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+            copies.append({"graph": graph["name"], "what": f"layer {graph['layer']} input norm and q/k/v projections",
+                           "bytes": sum(p.numel() * p.element_size() for m in parts for p in m.parameters())})
+    return {"distinct_bytes": distinct, "stored_bytes": stored, "copies": copies}
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

@@ -1,56 +1,108 @@
-"""The exportable graphs of an engine, as torch modules with static shapes.
+"""The exportable graphs of an engine (format 4), as torch modules, and every tensor name they carry.
 
-vision:  pixel_values [B, crops, 3, H, W] for the build's fixed grid in; image features [B, N, D] out, with
-         HF's anyres packing (unpad and newline tokens), exactly what HF would merge into the prompt.
-embed:   token ids [B, T] in (T dynamic: the prompt, then one token per decode step); embeddings [B, T, D]
-         out. The table lives in this graph only.
-prefill: input embeddings (text and image merged) [B, T, D], attention mask, positions and the derived
-         token positions in; the last token's logits [B, 1, V], the kept indices of each stage [B, K_s], and
-         each layer's present K/V [B, Hkv, T_l + max_new, d] with validity [B, T_l + max_new] out, already
-         laid out as the decode graph's past. The selection is one iwp::VisualTokenSelect node per stage.
-decode:  one token's embedding [B, 1, D], its position [B], the step, and every layer's fixed-capacity
-         past K/V [B, Hkv, T_l + max_new, d] with its validity [B, T_l + max_new] in; logits [B, V] and the
-         same caches with slot T_l + step written out. Shapes never change between steps.
+The decoder is split at the method's stage layers into segment graphs, so each weight is in exactly one graph
+and prefill and decode run the same ones:
+
+vision:    pixel_values [B, crops, 3, H, W] for the build's fixed grid in; image features [B, N, D] out, with
+           HF's anyres packing (unpad and newline tokens), exactly what HF would merge into the prompt.
+embed:     token ids [B, T] and the token table [V, D] in; embeddings [B, T, D] out. The table is an input:
+           it is stored once (token_table.bin) and read by embed and, when tied, by the LM head.
+segment.j: decoder layers [first, end). Hidden states [B, T, D], their RoPE positions and a cache offset in,
+           with each of its layers' fixed-capacity K/V/valid; its layers' caches with slots [offset, offset+T)
+           written out, and the hidden states (the last segment: the last token's logits [B, V]). Prefill runs
+           it over the prompt's real length (offset 0), decode over one token (offset = its prefill length +
+           step), so T is dynamic and nothing is padded.
+select.j:  stage j, between segment.j and segment.j+1 (prefill only): the layer's own input norm and q/k/v
+           (a small named copy of that layer's weights) on the hidden states, one iwp::VisualTokenSelect node,
+           and the kept tokens gathered: kept indices [B, K_j] into the original N, hidden states and
+           positions of T - n + K_j tokens, the shifted query and last indices.
+
+Every tensor name of an engine is spelled here and nowhere else: the exporter records each with its role in
+manifest.json's io section (iwp/engine_format.py ROLES), and runtimes find tensors by role.
 """
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 
 import onnx
 import torch
+import torch.nn.functional as F
 
-from iwp.inputs import Batch
-from iwp.model import PrunedLlavaOnevision, inline, through_op
-
-# Every tensor name of an engine is spelled here and nowhere else: the exporter records each with its role in
-# manifest.json's io section (iwp/engine_format.py ROLES), and runtimes find tensors by role.
-# A named tensor: (name, role, layer, stage); layer for the caches, stage for kept.
-_PREFILL_INPUTS = (("inputs_embeds", "embeddings"), ("attention_mask", "attention_mask"), ("positions", "positions"),
-                   ("visual_start", "visual_start"), ("query_idx", "query_idx"), ("query_mask", "query_mask"),
-                   ("last_idx", "last_idx"))
-PREFILL_INPUTS = tuple(name for name, _ in _PREFILL_INPUTS)
+from iwp.kv_cache import write_slots
+from iwp.model import PrunedLlavaOnevision, compact_index, inline, take, through_op
+from iwp.plugins.visual_token_select import LayerView
+from iwp.plugins.visual_token_select.transprune import transition_logits
 
 
-def _caches(kind: str, n_layers: int) -> list[tuple]:
+@dataclass(frozen=True)
+class Decoder:
+    """How an engine's decoder is cut into graphs: the stages (layer, kept) of its method, whether the LM head
+    is the token table, and the layers whose transitions TransPrune accumulates ([first, end), or None)."""
+    n_layers: int
+    n_visual: int
+    stages: tuple[tuple[int, int], ...]
+    tied: bool
+    ttv_layers: tuple[int, int] | None = None
+
+    def graphs(self) -> list[dict]:
+        """manifest.json's graphs list, in run order."""
+        cuts = [layer for layer, _ in self.stages]
+        if cuts != sorted(set(cuts)) or (cuts and not (0 < cuts[0] and cuts[-1] < self.n_layers)):
+            raise ValueError(f"stage layers {cuts} must be increasing, in 1..{self.n_layers - 1}")
+        bounds = [0, *cuts, self.n_layers]
+        out = [{"name": "embed", "kind": "embed"}, {"name": "vision", "kind": "vision"}]
+        for j, (first, end) in enumerate(zip(bounds, bounds[1:])):
+            if j:
+                out.append({"name": f"select.{j - 1}", "kind": "select", "stage": j - 1, "layer": first})
+            out.append({"name": f"segment.{j}", "kind": "segment", "layers": [first, end]})
+        return out
+
+    def transition_layers(self, first: int, end: int) -> list[int]:
+        if self.ttv_layers is None:
+            return []
+        return list(range(max(first, self.ttv_layers[0]), min(end, self.ttv_layers[1])))
+
+    def alive(self, stage: int) -> int:
+        """Visual tokens entering stage `stage`."""
+        return self.stages[stage - 1][1] if stage else self.n_visual
+
+    def tensors(self, graph: dict) -> tuple[list[tuple], list[tuple]]:
+        """(inputs, outputs) of a graph as (name, role, layer, stage), in the graph's own order."""
+        kind = graph["kind"]
+        if kind == "embed":
+            return ([("input_ids", "token_ids", None, None), ("token_table", "token_table", None, None)],
+                    [("inputs_embeds", "embeddings", None, None)])
+        if kind == "vision":
+            return [("pixel_values", "pixels", None, None)], [("image_features", "features", None, None)]
+        if kind == "segment":
+            first, end = graph["layers"]
+            last = end == self.n_layers
+            inputs = [("hidden", "hidden", None, None), ("positions", "positions", None, None),
+                      ("offset", "offset", None, None)]
+            inputs += [("token_table", "token_table", None, None)] if last and self.tied else []
+            outputs = [("logits", "logits", None, None) if last else ("next_hidden", "hidden", None, None)]
+            outputs += [("transitions", "transitions", None, None)] if self.transition_layers(first, end) else []
+            return inputs + _caches("past", first, end), outputs + _caches("present", first, end)
+        if kind == "select":
+            stage = graph["stage"]
+            inputs = [(role, role, None, None) for role in
+                      ("hidden", "positions", "visual_start", "query_idx", "query_mask", "last_idx")]
+            inputs += [("alive", "alive", None, None)] if stage else []
+            inputs += [("ttv", "ttv", None, None)] if self.ttv_layers is not None and stage else []
+            previous = self.stages[stage - 1][0] if stage else 0
+            if self.transition_layers(previous, graph["layer"]):
+                inputs.append(("transitions", "transitions", None, None))
+            outputs = [(f"kept.{stage}", "kept", None, stage)]
+            outputs += [(f"kept_{role}", role, None, None) for role in ("hidden", "positions", "query_idx", "last_idx")]
+            if self.ttv_layers is not None and stage < len(self.stages) - 1:
+                outputs.append(("kept_ttv", "ttv", None, None))
+            return inputs, outputs
+        raise ValueError(f"no graph kind {kind!r}")
+
+
+def _caches(kind: str, first: int, end: int) -> list[tuple]:
     return [(f"{kind}.{layer}.{part}", part, layer, None)
-            for layer in range(n_layers) for part in ("key", "value", "valid")]
-
-
-def graph_tensors(graph: str, n_layers: int, n_stages: int) -> tuple[list[tuple], list[tuple]]:
-    """(inputs, outputs) of a graph as (name, role, layer, stage), in the graph's own order."""
-    if graph == "embed":
-        return [("input_ids", "token_ids", None, None)], [("inputs_embeds", "embeddings", None, None)]
-    if graph == "vision":
-        return [("pixel_values", "pixels", None, None)], [("image_features", "features", None, None)]
-    if graph == "prefill":
-        return ([(name, role, None, None) for name, role in _PREFILL_INPUTS],
-                [("logits", "logits", None, None)] + [(f"kept.{s}", "kept", None, s) for s in range(n_stages)]
-                + _caches("present", n_layers))
-    if graph == "decode":
-        return ([("inputs_embeds", "embeddings", None, None), ("position", "position", None, None),
-                 ("step", "step", None, None)] + _caches("past", n_layers),
-                [("logits", "logits", None, None)] + _caches("present", n_layers))
-    raise ValueError(f"no graph {graph!r}")
+            for layer in range(first, end) for part in ("key", "value", "valid")]
 
 
 def names(tensors) -> list[str]:
@@ -72,64 +124,86 @@ class VisionGraph(torch.nn.Module):
 
 
 class EmbedGraph(torch.nn.Module):
-    def __init__(self, model: PrunedLlavaOnevision):
+    def forward(self, input_ids, token_table):
+        return F.embedding(input_ids, token_table)
+
+
+class SegmentGraph(torch.nn.Module):
+    """Decoder layers [first, end) over T tokens at cache slots [offset, offset + T)."""
+
+    def __init__(self, model: PrunedLlavaOnevision, decoder: Decoder, first: int, end: int):
         super().__init__()
-        self.embed_tokens = model.embed_tokens
+        self.model, self.first, self.end = model, first, end
+        self.last, self.tied = end == model.n_layers, decoder.tied
+        self.transitions = set(decoder.transition_layers(first, end))
 
-    def forward(self, input_ids):
-        return self.embed_tokens(input_ids)
+    def forward(self, hidden, positions, offset, *rest):
+        table = rest[0] if self.last and self.tied else None
+        past = rest[1:] if table is not None else rest
+        keys, values, valid = list(past[0::3]), list(past[1::3]), list(past[2::3])
+        model, h, t = self.model, hidden, hidden.shape[1]
+        rows = []
+        for i, index in enumerate(range(self.first, self.end)):
+            layer = model.layers[index]
+            _, _, v, q_rot, k_rot = model.qkv(layer, h, positions)
+            keys[i], values[i], valid[i] = write_slots(keys[i], values[i], valid[i], offset, k_rot, v)
+            slots = torch.arange(keys[i].shape[2], device=h.device)
+            causal = slots[None, :] <= offset + torch.arange(t, device=h.device)[:, None]          # [T, S]
+            mask = valid[i][:, None, None, :] & causal[None, None]
+            h_in = h
+            h, attn_out, h_mid, mlp_out = model.finish_layer(layer, h, q_rot, keys[i], values[i], mask)
+            if index in self.transitions:
+                rows += [transition_logits(h_in, attn_out), transition_logits(h_mid, mlp_out)]
+        if self.last:
+            x = model.norm(h[:, -1])
+            outputs = [F.linear(x, table) if table is not None else model.lm_head(x)]
+        else:
+            outputs = [h]
+        outputs += [torch.stack(rows, dim=1)] if rows else []
+        return (*outputs, *[c for layer in zip(keys, values, valid) for c in layer])
 
 
-class PrefillGraph(torch.nn.Module):
-    def __init__(self, model: PrunedLlavaOnevision, template: Batch, method, plan, max_new_tokens: int = 0,
+class SelectGraph(torch.nn.Module):
+    """Selection stage `stage` at its layer: that layer's q/k/v, the op (or the native twin), the gather."""
+
+    def __init__(self, model: PrunedLlavaOnevision, decoder: Decoder, method, stage: int, visual_xy: torch.Tensor,
                  native: bool = False):
         super().__init__()
-        self.model, self.template, self.method, self.plan = model, template, method, plan
-        self.max_new_tokens, self.native = max_new_tokens, native
-        self.register_buffer("visual_xy", template.visual_xy.clone())   # fixed by the crop grid
+        self.model, self.decoder, self.method, self.stage, self.native = model, decoder, method, stage, native
+        self.layer, self.keep = decoder.stages[stage]
+        self.n_alive = decoder.alive(stage)
+        self.register_buffer("visual_xy", visual_xy.clone())   # [1, N, 2], fixed by the crop grid
+        inputs, _ = decoder.tensors({"kind": "select", "stage": stage, "layer": self.layer})
+        self.extra = [role for _, role, _, _ in inputs[6:]]    # alive, ttv, transitions: as the graph has them
 
-    def input_names(self) -> list[str]:
-        return names(graph_tensors("prefill", self.model.n_layers, self.n_stages)[0])
-
-    def output_names(self) -> list[str]:
-        return names(graph_tensors("prefill", self.model.n_layers, self.n_stages)[1])
-
-    @property
-    def n_stages(self) -> int:
-        return len(self.plan.stages) if self.method else 0
-
-    def forward(self, inputs_embeds, attention_mask, positions, visual_start, query_idx, query_mask, last_idx):
-        batch = dataclasses.replace(self.template, attention_mask=attention_mask, positions=positions,
-                                    visual_start=visual_start, query_idx=query_idx, query_mask=query_mask,
-                                    last_idx=last_idx, visual_xy=self.visual_xy)
-        pre = self.model.prefill(inputs_embeds, batch, self.method, self.plan, self.max_new_tokens,
-                                 last_logits_only=True, select=inline if self.native else through_op)
-        outputs = [pre.logits, *pre.kept]
-        for key, value, valid in zip(pre.cache.keys, pre.cache.values, pre.cache.valid):
-            outputs += [key, value, valid]
+    def forward(self, hidden, positions, visual_start, query_idx, query_mask, last_idx, *rest):
+        extra = dict(zip(self.extra, rest))
+        b, t, _ = hidden.shape
+        model = self.model
+        alive = extra.get("alive")
+        if alive is None:
+            alive = torch.arange(self.n_alive, device=hidden.device)[None].expand(b, -1)
+        xy = take(self.visual_xy.expand(b, -1, -1), alive)
+        ttv = None
+        if self.decoder.ttv_layers is not None:
+            ttv = extra.get("ttv", torch.zeros(b, self.n_alive, device=hidden.device))
+            if "transitions" in extra:
+                idx = visual_start[:, None] + torch.arange(self.n_alive, device=hidden.device)[None]
+                rows = extra["transitions"]
+                for r in range(rows.shape[1]):
+                    ttv = ttv + torch.softmax(rows[:, r].gather(1, idx), dim=-1)
+        layer = model.layers[self.layer]
+        q, k, v, q_rot, k_rot = model.qkv(layer, hidden, positions)
+        key_mask = torch.ones(b, t, dtype=torch.bool, device=hidden.device)   # prompts are not padded
+        view = LayerView(hidden, q, k, q_rot, k_rot, v, key_mask, visual_start, self.n_alive, query_idx, query_mask,
+                         last_idx, xy, ttv, self.layer, self.stage, len(self.decoder.stages))
+        keep = (inline if self.native else through_op)(self.method, view, self.keep)
+        src = compact_index(visual_start, self.n_alive, keep, t)
+        shift = self.n_alive - self.keep
+        outputs = [alive.gather(1, keep), take(hidden, src), take(positions, src), query_idx - shift, last_idx - shift]
+        if ttv is not None and self.stage < len(self.decoder.stages) - 1:
+            outputs.append(ttv.gather(1, keep))
         return tuple(outputs)
-
-    def example_inputs(self, embeds: torch.Tensor) -> tuple:
-        b = self.template
-        return (embeds, b.attention_mask, b.positions, b.visual_start, b.query_idx, b.query_mask, b.last_idx)
-
-
-class DecodeGraph(torch.nn.Module):
-    def __init__(self, model: PrunedLlavaOnevision, prefill_len: list[int]):
-        super().__init__()
-        self.model, self.prefill_len = model, list(prefill_len)
-
-    def input_names(self) -> list[str]:
-        return names(graph_tensors("decode", self.model.n_layers, 0)[0])
-
-    def output_names(self) -> list[str]:
-        return names(graph_tensors("decode", self.model.n_layers, 0)[1])
-
-    def forward(self, inputs_embeds, position, step, *past):
-        keys, values, valid = list(past[0::3]), list(past[1::3]), list(past[2::3])
-        logits, keys, values, valid = self.model.decode_step(inputs_embeds, position, step, self.prefill_len,
-                                                             keys, values, valid)
-        return (logits, *[t for layer in zip(keys, values, valid) for t in layer])
 
 
 def export_program(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_shapes=None):
@@ -144,8 +218,11 @@ def export_program(module: torch.nn.Module, args: tuple, input_names, output_nam
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
-            return torch.onnx.export(module.eval(), args, dynamo=True, input_names=list(input_names),
-                                     output_names=list(output_names), dynamic_shapes=dynamic_shapes,
+            module = module.eval()
+            if dynamic_shapes is not None:   # torch.onnx would turn *rest's tuple of shapes into a list
+                module = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            return torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
+                                     output_names=list(output_names),
                                      custom_translation_table=custom_translation_table(), verbose=False)
     finally:
         registration.setLevel(level)

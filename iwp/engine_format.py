@@ -23,21 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT = 3  # 3: the io section (names, shapes, dtypes and roles of every graph's tensors)
-GRAPHS = ("embed", "vision", "prefill", "decode")
+FORMAT = 4  # 4: segment graphs (every weight stored once), the prompt's real length; 3: the io section
 REBUILD = "rebuild it with `make engine`"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 CACHE_ROLES = ("key", "value", "valid")     # one tensor per layer each (TensorSpec.layer)
 KEPT = "kept"                               # one per selection stage (TensorSpec.stage)
+KINDS = ("embed", "vision", "segment", "select")
 
-# The only vocabulary a runtime uses to find a tensor, per graph and direction (the C++ roleTable()).
+# The only vocabulary a runtime uses to find a tensor, per graph KIND and direction (the C++ roleTable()).
+# A segment runs a contiguous range of decoder layers for prefill (T = the prompt) and decode (T = 1); a select
+# runs one selection stage between two segments (prefill only). See export/graphs.py.
 ROLES = {
-    "embed": {"inputs": ("token_ids",), "outputs": ("embeddings",)},
+    "embed": {"inputs": ("token_ids", "token_table"), "outputs": ("embeddings",)},
     "vision": {"inputs": ("pixels",), "outputs": ("features",)},
-    "prefill": {"inputs": ("embeddings", "attention_mask", "positions", "visual_start", "query_idx", "query_mask",
-                           "last_idx"),
-                "outputs": ("logits", KEPT, *CACHE_ROLES)},
-    "decode": {"inputs": ("embeddings", "position", "step", *CACHE_ROLES), "outputs": ("logits", *CACHE_ROLES)},
+    "segment": {"inputs": ("hidden", "positions", "offset", "token_table", *CACHE_ROLES),
+                "outputs": ("hidden", "logits", "transitions", *CACHE_ROLES)},
+    "select": {"inputs": ("hidden", "positions", "visual_start", "query_idx", "query_mask", "last_idx", "alive", "ttv",
+                          "transitions"),
+               "outputs": (KEPT, "hidden", "positions", "query_idx", "last_idx", "ttv")},
 }
 
 
@@ -125,17 +128,47 @@ class Flops:
 @dataclass(frozen=True)
 class Shapes:
     batch: int
-    max_prompt: int                # prompts are left-padded to this many tokens
+    max_prompt: int                # the longest prompt (N + max_text_tokens); prompts are not padded
     max_text_tokens: int
     max_new_tokens: int
-    prefill_len: tuple[int, ...]   # per layer: tokens the prefill leaves in the cache
-    cache_len: tuple[int, ...]     # per layer: prefill_len + max_new_tokens
+    cache_len: tuple[int, ...]     # per layer: its capacity, max_prompt - N + its visual tokens + max_new_tokens
 
 
 @dataclass(frozen=True)
 class Plan:
     file: str
-    profile: dict[str, tuple[tuple[int, ...], ...]]   # input -> (min, opt, max) shapes
+    profiles: tuple[dict[str, tuple[tuple[int, ...], ...]], ...]   # per profile: input -> (min, opt, max) shapes
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    name: str                      # <name>.onnx (and <name>.plan)
+    kind: str                      # one of KINDS
+    layers: tuple[int, int] | None = None   # a segment's decoder layers [first, end)
+    stage: int | None = None       # a select's stage
+    layer: int | None = None       # a select's layer (the next segment's first)
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    file: str                      # raw, C order [vocab, hidden], little-endian, the engine's float dtype
+    shape: tuple[int, int]
+    dtype: str
+    tied: bool                     # the last segment's LM head reads it (an input there too)
+
+
+@dataclass(frozen=True)
+class WeightCopy:
+    graph: str
+    what: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Weights:
+    distinct_bytes: int            # the model's distinct parameter bytes in the engine's dtype (tied ones once)
+    stored_bytes: int              # every graph's initializers and the token table
+    copies: tuple[WeightCopy, ...]  # the named exceptions stored twice (each select's layer q/k/v)
 
 
 @dataclass(frozen=True)
@@ -170,6 +203,9 @@ class EngineManifest:
     tools: dict[str, str]
     files: dict[str, str]          # file name -> sha256
     spec: dict[str, Any]           # the EngineSpec it was built from
+    graphs: tuple[GraphInfo, ...]  # in run order: embed, vision, then segment.0, select.0, segment.1, ...
+    token_table: TokenTable
+    weights: Weights
     io: dict[str, GraphIO]         # by graph name
     directory: str = field(default="", compare=False)   # where it was read from (errors name it); not written
 
@@ -185,9 +221,26 @@ class EngineManifest:
         raise ValueError(f"engine {self.directory}: {graph} has no {which} {kind[:-1]}; {REBUILD}")
 
     def caches(self, graph: str, kind: str) -> list[TensorSpec]:
-        """Every layer's key, value and valid tensor, layer by layer (decode's past and present layout)."""
-        return [self.find(graph, kind, role, layer=layer)
-                for layer in range(self.model.n_layers) for role in CACHE_ROLES]
+        """The cache tensors `graph` has (a segment's layers), layer by layer: key, value, valid."""
+        assert kind in ("inputs", "outputs"), kind
+        specs = [t for t in getattr(self.io[graph], kind) if t.role in CACHE_ROLES]
+        return sorted(specs, key=lambda t: (t.layer, CACHE_ROLES.index(t.role)))
+
+    def graph(self, name: str) -> GraphInfo:
+        for graph in self.graphs:
+            if graph.name == name:
+                return graph
+        raise ValueError(f"engine {self.directory}: has no graph {name}; {REBUILD}")
+
+    def segments(self) -> list[GraphInfo]:
+        return [g for g in self.graphs if g.kind == "segment"]
+
+    def selects(self) -> list[GraphInfo]:
+        return [g for g in self.graphs if g.kind == "select"]
+
+    def segment_prefill_len(self, segment: GraphInfo, prompt_len: int) -> int:
+        """The tokens a segment runs in the prefill of a prompt of `prompt_len` tokens (its caches' fill)."""
+        return prompt_len - self.model.n_visual + self.method.tokens_per_layer[segment.layers[0]]
 
     def to_dict(self) -> dict:
         return _plain(self)
@@ -311,13 +364,14 @@ def _check(m: EngineManifest) -> None:
         positive(f"model.{name}", getattr(m.model, name))
     for name in ("batch", "max_prompt", "max_text_tokens", "max_new_tokens"):
         positive(f"shapes.{name}", getattr(m.shapes, name))
-    for name in ("prefill_len", "cache_len"):
-        values = getattr(m.shapes, name)
-        if len(values) != m.model.n_layers:
-            raise _Bad(f"manifest.json field shapes.{name} has {len(values)} layers, not model.n_layers "
-                       f"{m.model.n_layers}")
-        for i, v in enumerate(values):
-            positive(f"shapes.{name}[{i}]", v)
+    if len(m.shapes.cache_len) != m.model.n_layers:
+        raise _Bad(f"manifest.json field shapes.cache_len has {len(m.shapes.cache_len)} layers, not model.n_layers "
+                   f"{m.model.n_layers}")
+    for i, v in enumerate(m.shapes.cache_len):
+        positive(f"shapes.cache_len[{i}]", v)
+    if len(m.method.tokens_per_layer) != m.model.n_layers:
+        raise _Bad(f"manifest.json field method.tokens_per_layer has {len(m.method.tokens_per_layer)} layers, "
+                   f"not model.n_layers {m.model.n_layers}")
     for name in ("unpruned", "pruned", "ratio"):
         value = getattr(m.flops, name)
         if isinstance(value, float) and not math.isfinite(value):   # 1e999 parses as inf
@@ -329,24 +383,67 @@ def _check(m: EngineManifest) -> None:
     for name in m.files:
         if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
             raise _Bad(f"manifest.json field files holds {_shown(name)}, not a file name in the engine directory")
-    for graph in GRAPHS:
-        if f"{graph}.onnx" not in m.files:
-            raise _Bad(f"manifest.json field files records no {graph}.onnx")
-        if graph not in m.io:
-            raise _Bad(f"manifest.json field io.{graph} is missing")
+    _check_graphs(m)
+    table = m.token_table
+    if table.file not in m.files:
+        raise _Bad(f"manifest.json field files records no token table {_shown(table.file)}")
+    if list(table.shape) != [m.model.vocab_size, m.model.hidden_size]:
+        raise _Bad(f"manifest.json field token_table.shape is {list(table.shape)}, not [model.vocab_size, "
+                   f"model.hidden_size]")
+    if table.dtype not in ("float32", "float16"):
+        raise _Bad(f"manifest.json field token_table.dtype is {_shown(table.dtype)}, not float32 or float16")
     for graph, io in m.io.items():
-        if graph not in ROLES:
-            raise _Bad(f"manifest.json field io holds {_shown(graph)}, not one of {', '.join(GRAPHS)}")
-        for kind in ("inputs", "outputs"):
+        kind = m.graph(graph).kind if graph in {g.name for g in m.graphs} else None
+        if kind is None:
+            raise _Bad(f"manifest.json field io holds {_shown(graph)}, which is not in graphs")
+        for direction in ("inputs", "outputs"):
             seen, names = set(), set()
-            for i, t in enumerate(getattr(io, kind)):
-                _check_tensor(m, t, f"io.{graph}.{kind}[{i}]", ROLES[graph][kind])
+            for i, t in enumerate(getattr(io, direction)):
+                _check_tensor(m, t, f"io.{graph}.{direction}[{i}]", ROLES[kind][direction])
                 if (t.role, t.layer, t.stage) in seen:
-                    raise _Bad(f"manifest.json field io.{graph}.{kind}[{i}].role repeats role {t.role}")
+                    raise _Bad(f"manifest.json field io.{graph}.{direction}[{i}].role repeats role {t.role}")
                 if t.name in names:
-                    raise _Bad(f"manifest.json field io.{graph}.{kind}[{i}].name repeats the name {_shown(t.name)}")
+                    raise _Bad(f"manifest.json field io.{graph}.{direction}[{i}].name repeats the name "
+                               f"{_shown(t.name)}")
                 seen.add((t.role, t.layer, t.stage))
                 names.add(t.name)
+
+
+def _check_graphs(m: EngineManifest) -> None:
+    """embed and vision first, then segments covering every layer in order, a select between each two."""
+    graphs = m.graphs
+    names = [g.name for g in graphs]
+    for i, g in enumerate(graphs):
+        where = f"manifest.json field graphs[{i}]"
+        if g.kind not in KINDS:
+            raise _Bad(f"{where}.kind is {_shown(g.kind)}, not one of {', '.join(KINDS)}")
+        if names.count(g.name) > 1 or not g.name or "/" in g.name:
+            raise _Bad(f"{where}.name {_shown(g.name)} is repeated or not a file stem")
+        if f"{g.name}.onnx" not in m.files:
+            raise _Bad(f"manifest.json field files records no {g.name}.onnx")
+        if g.name not in m.io:
+            raise _Bad(f"manifest.json field io.{g.name} is missing")
+    if [g.kind for g in graphs[:2]] != ["embed", "vision"]:
+        raise _Bad("manifest.json field graphs does not start with the embed and vision graphs")
+    decoder = graphs[2:]
+    kinds = [g.kind for g in decoder]
+    expected = ["segment"] + ["select", "segment"] * len(m.method.stages)
+    if kinds != expected:
+        raise _Bad(f"manifest.json field graphs runs {', '.join(kinds) or 'nothing'} after vision, not "
+                   f"{len(m.method.stages) + 1} segments with a select between each two")
+    end = 0
+    for i, g in enumerate(decoder):
+        where = f"manifest.json field graphs[{i + 2}]"
+        if g.kind == "segment":
+            if g.layers is None or g.layers[0] != end or not g.layers[0] < g.layers[1] <= m.model.n_layers:
+                raise _Bad(f"{where}.layers is {_shown(g.layers)}, not a range of layers from {end}")
+            end = g.layers[1]
+        else:
+            stage = i // 2
+            if g.stage != stage or g.layer != end or (g.layer, ) != tuple(m.method.stages[stage][:1]):
+                raise _Bad(f"{where} is not stage {stage} at layer {end}")
+    if end != m.model.n_layers:
+        raise _Bad(f"manifest.json field graphs' segments end at layer {end}, not model.n_layers {m.model.n_layers}")
 
 
 def _check_tensor(m: EngineManifest, t: TensorSpec, path: str, roles: tuple[str, ...]) -> None:
@@ -373,12 +470,13 @@ def _check_tensor(m: EngineManifest, t: TensorSpec, path: str, roles: tuple[str,
 # --- writing ---
 
 def _plain(value):
-    """JSON values of a manifest: dataclasses as objects (TensorSpec's unset layer/stage left out)."""
+    """JSON values of a manifest: dataclasses as objects (TensorSpec's and GraphInfo's unset fields left out)."""
     if dataclasses.is_dataclass(value):
         out = {}
         for f in dataclasses.fields(value):
             item = getattr(value, f.name)
-            unset = isinstance(value, TensorSpec) and f.name in ("layer", "stage") and item is None
+            unset = item is None and ((isinstance(value, TensorSpec) and f.name in ("layer", "stage"))
+                                      or (isinstance(value, GraphInfo) and f.name in ("layers", "stage", "layer")))
             if f.name == "directory" or unset:
                 continue
             out[f.name] = _plain(item)

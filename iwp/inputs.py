@@ -151,6 +151,19 @@ def encode(processor, images, prompts, resolution: tuple[int, int], n_visual: in
                  query_idx, query_mask, torch.full((ids.shape[0],), t - 1), None)
 
 
+def fit_capacity(batch: Batch, length: int) -> Batch:
+    """An unpadded batch sized to an engine that holds up to `length` tokens: the prompt keeps its own length
+    (the prefill runs over the real tokens), and Q becomes length - N, the engine's fixed query slots."""
+    t = batch.input_ids.shape[1]
+    if t > length:
+        raise ValueError(f"prompt is {t} tokens (with {batch.n_visual} image tokens) but the engine's capacity is "
+                         f"{length}; shorten the prompt or rebuild the engine with a larger MAX_TEXT_TOKENS")
+    if not bool(batch.attention_mask.bool().all()):
+        raise ValueError("an engine's prefill takes one unpadded prompt; pass one image and one prompt")
+    query = (batch.visual_start + batch.n_visual)[:, None] + torch.arange(length - batch.n_visual)[None]
+    return dataclasses.replace(batch, query_idx=query.clamp(max=t - 1), query_mask=query < t)
+
+
 def pad_to_length(batch: Batch, length: int, pad_token_id: int) -> Batch:
     """Left-pad a batch to `length` tokens (an engine's fixed prompt length); Q becomes length - N."""
     t = batch.input_ids.shape[1]

@@ -47,3 +47,14 @@ def write_slot(keys: Tensor, values: Tensor, valid: Tensor, slot: Tensor, k: Ten
     hit = torch.arange(keys.shape[2], device=keys.device) == slot                   # [S]
     return (torch.where(hit[None, None, :, None], k, keys), torch.where(hit[None, None, :, None], v, values),
             valid | hit[None])
+
+
+def write_slots(keys: Tensor, values: Tensor, valid: Tensor, offset: Tensor, k: Tensor, v: Tensor):
+    """Out-of-place write of T tokens' k, v [B, Hkv, T, d] at slots [offset, offset + T) (offset a 0-d int64
+    tensor) of a layer's cache [B, Hkv, S, d] / valid [B, S]: a gather and a `where` over the fixed S slots,
+    so the cache's shape never changes and T may be dynamic (a segment graph's prefill or one decode token)."""
+    rel = torch.arange(keys.shape[2], device=keys.device) - offset                  # [S]
+    hit = (rel >= 0) & (rel < k.shape[2])
+    src = rel.clamp(0, k.shape[2] - 1)
+    return (torch.where(hit[None, None, :, None], k.index_select(2, src), keys),
+            torch.where(hit[None, None, :, None], v.index_select(2, src), values), valid | hit[None])

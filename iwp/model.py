@@ -49,7 +49,7 @@ def compact_index(visual_start: Tensor, n_visual: int, keep: Tensor, length: int
     return torch.where(rel < 0, c, torch.where(inside, kept, c + n_visual - k))
 
 
-def _take(x: Tensor, src: Tensor) -> Tensor:
+def take(x: Tensor, src: Tensor) -> Tensor:
     """Gather the token axis (1 for [B, T, ...], 2 for [B, H, T, d]) at src [B, T']."""
     if x.dim() == 2:
         return x.gather(1, src)
@@ -104,7 +104,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
         q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v, q_rot, k_rot
 
-    def _finish_layer(self, layer, h: Tensor, q_rot: Tensor, k: Tensor, v: Tensor, mask: Tensor):
+    def finish_layer(self, layer, h: Tensor, q_rot: Tensor, k: Tensor, v: Tensor, mask: Tensor):
         """Attention (with mask [B, 1, T, S]), residual, MLP, residual. Returns (h, attn_out, h_mid, mlp_out)."""
         b, t = q_rot.shape[0], q_rot.shape[2]
         out = F.scaled_dot_product_attention(q_rot, k, v, attn_mask=mask, enable_gqa=True)
@@ -142,23 +142,23 @@ class PrunedLlavaOnevision(torch.nn.Module):
                                  batch.query_mask, last_idx, xy, ttv, index, stage_of[index], len(stages))
                 keep = select(method, view, stages[index])
                 src = compact_index(visual_start, n_alive, keep, h.shape[1])
-                h, q_rot, k_rot, v = _take(h, src), _take(q_rot, src), _take(k_rot, src), _take(v, src)
-                positions, key_mask = _take(positions, src), _take(key_mask, src)
+                h, q_rot, k_rot, v = take(h, src), take(q_rot, src), take(k_rot, src), take(v, src)
+                positions, key_mask = take(positions, src), take(key_mask, src)
                 shift = n_alive - keep.shape[1]
                 query_idx, last_idx = query_idx - shift, last_idx - shift
-                original, xy = original.gather(1, keep), _take(xy, keep)
+                original, xy = original.gather(1, keep), take(xy, keep)
                 ttv = ttv.gather(1, keep) if ttv is not None else None
                 kept.append(original)
             length = h.shape[1]
             causal = torch.ones(length, length, dtype=torch.bool, device=h.device).tril()
             mask = (causal[None] & key_mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=h.device)
             h_in = h
-            h, attn_out, h_mid, mlp_out = self._finish_layer(layer, h, q_rot, k_rot, v, mask[:, None])
+            h, attn_out, h_mid, mlp_out = self.finish_layer(layer, h, q_rot, k_rot, v, mask[:, None])
             cache.fill(index, k_rot, v, key_mask)
             if ttv is not None and ttv_start <= index < last_stage:
                 idx = visual_start[:, None] + torch.arange(original.shape[1], device=h.device)[None]
-                ttv = ttv + transition_variation(_take(h_in, idx), _take(attn_out, idx))
-                ttv = ttv + transition_variation(_take(h_mid, idx), _take(mlp_out, idx))
+                ttv = ttv + transition_variation(take(h_in, idx), take(attn_out, idx))
+                ttv = ttv + transition_variation(take(h_mid, idx), take(mlp_out, idx))
         # left padding puts every sample's last token at the end; an engine needs only its logits
         logits = self.lm_head(self.norm(h[:, -1:] if last_logits_only else h))
         next_position = batch.positions.gather(1, batch.last_idx[:, None]).squeeze(1) + 1
@@ -174,7 +174,7 @@ class PrunedLlavaOnevision(torch.nn.Module):
             _, _, v, q_rot, k_rot = self.qkv(layer, h, positions[:, None])
             keys[index], values[index], valid[index] = write_slot(
                 keys[index], values[index], valid[index], step + prefill_len[index], k_rot, v)
-            h, *_ = self._finish_layer(layer, h, q_rot, keys[index], values[index], valid[index][:, None, None, :])
+            h, *_ = self.finish_layer(layer, h, q_rot, keys[index], values[index], valid[index][:, None, None, :])
         return self.lm_head(self.norm(h))[:, 0], keys, values, valid
 
     @torch.no_grad()

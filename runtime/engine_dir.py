@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iwp.engine_format import GRAPHS, REBUILD, EngineManifest, TensorSpec, sha256
+from iwp.engine_format import REBUILD, EngineManifest, TensorSpec, sha256
 
 # ONNX Runtime's element types -> the format's dtype names
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -28,9 +28,11 @@ def read_engine(directory, verify_files: bool = True) -> EngineManifest:
         raise ValueError(f"engine {directory} is a file, not an engine directory; pass the directory "
                          "`make engine` built (engines/<name>/)")
     manifest = EngineManifest.read(directory)
-    for name in GRAPHS:
-        if not (directory / f"{name}.onnx").is_file():
-            raise engine_error(directory, f"{name}.onnx is missing")
+    for graph in manifest.graphs:
+        if not (directory / f"{graph.name}.onnx").is_file():
+            raise engine_error(directory, f"{graph.name}.onnx is missing")
+    if not (directory / manifest.token_table.file).is_file():
+        raise engine_error(directory, f"{manifest.token_table.file} is missing")
     if verify_files:
         for name, digest in manifest.files.items():
             path = directory / name
@@ -67,6 +69,19 @@ def _describe(entry) -> str:
         return "nothing"
     name, dtype, shape = entry
     return f"{name} {dtype} [{', '.join('?' if d is None else str(d) for d in shape)}]"
+
+
+def token_table(manifest: EngineManifest):
+    """The token table, memory-mapped read-only: one copy for embed and (tied) the LM head, paged in by the OS."""
+    import numpy as np
+    table = manifest.token_table
+    path = Path(manifest.directory) / table.file
+    dtype = {"float32": np.float32, "float16": np.float16}[table.dtype]
+    expected = table.shape[0] * table.shape[1] * np.dtype(dtype).itemsize
+    if path.stat().st_size != expected:
+        raise engine_error(manifest.directory, f"{table.file} holds {path.stat().st_size} bytes, not the "
+                           f"{expected} of a {table.shape[0]}x{table.shape[1]} {table.dtype} table")
+    return np.memmap(path, dtype=dtype, mode="r", shape=tuple(table.shape))
 
 
 def numpy_dtype(spec: TensorSpec):

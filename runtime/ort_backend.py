@@ -1,7 +1,8 @@
-"""The ONNX Runtime side of an engine: its four sessions, one place that runs a graph (and tells the
-observer), and the runtime core's decode backend over the KV arena.
+"""The ONNX Runtime side of an engine: one session per graph (embed, vision, each segment and selection),
+one place that runs a graph (and tells the observer), and the runtime core's decode backend over the KV arena.
 
-Every tensor is found by its role in the manifest's io section; no tensor name is spelled here.
+Every tensor is found by its role in the manifest's io section; no tensor name is spelled here. The token
+table is memory-mapped once and handed to every graph that takes it (embed and, when tied, the LM head).
 """
 from __future__ import annotations
 
@@ -10,24 +11,25 @@ from pathlib import Path
 
 import numpy as np
 
-from iwp.engine_format import GRAPHS, EngineManifest
+from iwp.engine_format import EngineManifest
 
 from ._core import Backend as CoreBackend
-from .engine_dir import check_graph, engine_error, numpy_dtype
+from .engine_dir import check_graph, engine_error, numpy_dtype, token_table
 
 
 def load_sessions(manifest: EngineManifest, providers: list[str] | None = None) -> dict:
     """One ONNX Runtime session per graph, each checked against what the manifest records of it."""
     from iwp.plugins.visual_token_select.ort_op import session
     directory = Path(manifest.directory)
+    names = [graph.name for graph in manifest.graphs]
     try:
         import onnxruntime
         available = onnxruntime.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        sessions = {name: session(directory / f"{name}.onnx", providers) for name in GRAPHS}
+        sessions = {name: session(directory / f"{name}.onnx", providers) for name in names}
     except Exception as err:  # onnx/ORT raise many types for a damaged graph
         raise engine_error(directory, f"a graph does not load ({type(err).__name__}: {str(err).splitlines()[0]})")
-    for name in GRAPHS:
+    for name in names:
         check_graph(manifest, name, sessions[name])
     return sessions
 
@@ -51,13 +53,19 @@ class Graphs:
 
     def __init__(self, manifest: EngineManifest, sessions: dict, observer=None):
         self.manifest, self.sessions, self.observer = manifest, sessions, observer
+        self.token_table = token_table(manifest)
 
-    def run(self, graph: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Feeds by role ((role, layer) for the caches) -> every output by tensor name, in the graph's order."""
-        io = self.manifest.io[graph]
-        feeds = {spec.name: arrays[spec.role] if spec.layer is None else arrays[(spec.role, spec.layer)]
-                 for spec in io.inputs}
-        names = [spec.name for spec in io.outputs]
+    def feeds(self, graph: str, arrays: dict) -> dict[str, np.ndarray]:
+        """A graph's feeds by tensor name from arrays by role ((role, layer) for the caches); the token table
+        is the engine's own."""
+        arrays = {**arrays, "token_table": self.token_table}
+        return {spec.name: arrays[spec.role] if spec.layer is None else arrays[(spec.role, spec.layer)]
+                for spec in self.manifest.io[graph].inputs}
+
+    def run(self, graph: str, arrays: dict) -> dict[str, np.ndarray]:
+        """Feeds by role -> every output by tensor name, in the graph's order."""
+        feeds = self.feeds(graph, arrays)
+        names = [spec.name for spec in self.manifest.io[graph].outputs]
         start = time.perf_counter()
         outputs = dict(zip(names, self.sessions[graph].run(names, feeds)))
         self.report(graph, feeds, outputs, time.perf_counter() - start)
@@ -69,50 +77,61 @@ class Graphs:
 
 
 class OrtBackend(CoreBackend):
-    """The ONNX Runtime backend of the runtime core's decode loop: one decode step reads the arena's past
-    set and writes its present set in place (IOBinding, no copies of the caches). The observer gets the
-    bound arrays: the arena's buffers themselves, overwritten by later steps."""
+    """The ONNX Runtime backend of the runtime core's decode loop. One step embeds the token and runs every
+    segment over it (T = 1) at cache slot `its prefill length + step`, each segment reading its layers' past
+    set of the arena and writing their present set in place (IOBinding, no copies of the caches). The
+    observer gets the bound arrays: the arena's buffers themselves, overwritten by later steps."""
 
-    def __init__(self, graphs: Graphs):
+    def __init__(self, graphs: Graphs, prompt_len: int):
         CoreBackend.__init__(self)
         m = graphs.manifest
         self.graphs, self._vocab = graphs, m.model.vocab_size
         self._token = m.find("embed", "inputs", "token_ids")
-        self._embeds = m.find("embed", "outputs", "embeddings")
-        self._inputs = [m.find("decode", "inputs", role) for role in ("embeddings", "position", "step")]
-        self._past, self._present = m.caches("decode", "inputs"), m.caches("decode", "outputs")
-        logits = m.find("decode", "outputs", "logits")
-        self._logits_name = logits.name
-        assert logits.static_shape, logits  # the export's decode graph is static
-        self._logits = np.empty(logits.shape, dtype=numpy_dtype(logits))  # written in place each step
+        self._embeds = m.find("embed", "outputs", "embeddings").name
+        self._segments = []
+        for segment in m.segments():
+            last = segment.layers[1] == m.model.n_layers
+            out = m.find(segment.name, "outputs", "logits" if last else "hidden")
+            shape = (1, m.model.vocab_size) if last else (1, 1, m.model.hidden_size)
+            self._segments.append((segment.name, m.segment_prefill_len(segment, prompt_len),
+                                   m.caches(segment.name, "inputs"), m.caches(segment.name, "outputs"),
+                                   out.name, np.empty(shape, dtype=numpy_dtype(out))))   # written in place
+        self._positions = m.find("segment.0", "inputs", "positions")
 
     def vocab(self) -> int:
         return self._vocab
 
     def decode(self, token: int, position: int, step: int, arena) -> np.ndarray:
-        embed = self.graphs.run("embed", {"token_ids": np.array([[token]], dtype=numpy_dtype(self._token))})
-        graph, start = "decode", time.perf_counter()
-        session = self.graphs.sessions[graph]
-        binding = session.io_binding()
-        values = (embed[self._embeds.name], np.array([position], dtype=numpy_dtype(self._inputs[1])),
-                  np.array(step, dtype=numpy_dtype(self._inputs[2])))
-        for spec, value in zip(self._inputs, values):
-            binding.bind_cpu_input(spec.name, value)
-        bound = {}
-        for specs, which, bind in ((self._past, arena.past, binding.bind_input),
-                                   (self._present, arena.present, binding.bind_output)):
-            for spec in specs:
-                buffer = arena_buffer(arena, which, spec.layer, spec.role)
-                bind(spec.name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
-                bound[spec.name] = buffer
-        binding.bind_output(self._logits_name, "cpu", 0, self._logits.dtype, list(self._logits.shape),
-                            self._logits.ctypes.data)
-        session.run_with_iobinding(binding)
-        seconds = time.perf_counter() - start
-        if self.graphs.observer is not None:
-            feeds = {spec.name: value for spec, value in zip(self._inputs, values)}
-            feeds.update((spec.name, bound[spec.name]) for spec in self._past)
-            outputs = {self._logits_name: self._logits, **{spec.name: bound[spec.name] for spec in self._present}}
-            self.graphs.report(graph, feeds, outputs, seconds)
-        return self._logits.reshape(-1)
-
+        graphs, m = self.graphs, self.graphs.manifest
+        hidden = graphs.run("embed", {"token_ids": np.array([[token]], dtype=numpy_dtype(self._token))})[self._embeds]
+        positions = np.array([[position]], dtype=numpy_dtype(self._positions))
+        for name, fill, past, present, out_name, out in self._segments:
+            start = time.perf_counter()
+            session = graphs.sessions[name]
+            binding = session.io_binding()
+            feeds = graphs.feeds(name, {"hidden": hidden, "positions": positions,
+                                        "offset": np.array(fill + step, dtype=np.int64),
+                                        **{(spec.role, spec.layer): None for spec in past}})
+            for spec in m.io[name].inputs:
+                if spec.layer is None:
+                    feeds[spec.name] = np.ascontiguousarray(feeds[spec.name])
+                    binding.bind_cpu_input(spec.name, feeds[spec.name])
+            bound = {}
+            for specs, which, bind in ((past, arena.past, binding.bind_input),
+                                       (present, arena.present, binding.bind_output)):
+                for spec in specs:
+                    buffer = arena_buffer(arena, which, spec.layer, spec.role)
+                    bind(spec.name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+                    bound[spec.name] = buffer
+            binding.bind_output(out_name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+            for spec in m.io[name].outputs:   # anything else (TransPrune's transitions) ORT allocates
+                if spec.name != out_name and spec.layer is None:
+                    binding.bind_output(spec.name, "cpu")
+            session.run_with_iobinding(binding)
+            seconds = time.perf_counter() - start
+            if graphs.observer is not None:
+                feeds.update((spec.name, bound[spec.name]) for spec in past)
+                outputs = {out_name: out, **{spec.name: bound[spec.name] for spec in present}}
+                graphs.report(name, feeds, outputs, seconds)
+            hidden = out
+        return hidden.reshape(-1)

@@ -1,11 +1,13 @@
-"""An engine's pipeline on ONNX Runtime: prepare (image + prompt -> padded batch) -> prefill (embed, vision,
-then prefill with the selection inside: logits, kept indices, caches) -> decode (the runtime core's C++ loop
-over the KV arena). `Pipeline.from_engine(DIR).generate(image, prompt)`.
+"""An engine's pipeline on ONNX Runtime: prepare (image + prompt -> unpadded batch) -> prefill (embed, vision,
+then the decoder's segments with a selection between each two: logits, kept indices, caches) -> decode (the
+runtime core's C++ loop over the KV arena, every segment per token). `Pipeline.from_engine(DIR).generate(image,
+prompt)`.
 
 The steps are public so that tools compose them instead of reaching in, and one observer sees every graph
 run: `Pipeline.from_engine(DIR, observer=obj)` or `pipeline.observe(obj)`, where
-`obj.on_graph(name, feeds, outputs, seconds)` is called after each run of embed, vision, prefill and each
-decode step (feeds and outputs by tensor name; decode's are the arena's bound buffers, so copy what you keep).
+`obj.on_graph(name, feeds, outputs, seconds)` is called after each run of a graph: embed, vision, each segment
+and select of the prefill, then embed and each segment per decode step (feeds and outputs by tensor name;
+decode's are the arena's bound buffers, so copy what you keep).
 
 Everything about the engine is read from its manifest (iwp/engine_format.py), and tensors are bound by the
 roles it records.
@@ -41,6 +43,7 @@ class Prefill:
     kept: list[np.ndarray]          # per selection stage: [1, K_s] kept visual-token indices
     caches: list[np.ndarray]        # per layer key, value, valid at decode capacity (decode's past layout)
     next_position: int              # the first new token's RoPE position
+    prompt_len: int = 0             # the prompt's tokens (each segment's cache fill follows from it)
 
 
 class Pipeline:
@@ -74,21 +77,42 @@ class Pipeline:
     # --- the public steps ---
 
     def prepare(self, image, prompt: str):
-        """One image and prompt -> the engine's left-padded batch (iwp.inputs.Batch)."""
+        """One image and prompt -> the engine's unpadded batch (iwp.inputs.Batch)."""
         return prepare(self.manifest, self.processor, image, prompt)
 
     def prefill(self, batch) -> Prefill:
-        """Embed, vision and prefill (the selection runs inside the prefill graph)."""
+        """Embed, vision, then the decoder's segments over the prompt's real length with each selection
+        between them (`decoder_graphs`): the logits, each stage's kept indices and every layer's caches."""
         run, m = self.graphs.run, self.manifest
         embeds = run("embed", {"token_ids": batch.input_ids.numpy()})[m.find("embed", "outputs", "embeddings").name]
         features = run("vision", {"pixels": batch.pixel_values.numpy()})[m.find("vision", "outputs", "features").name]
         start, n = int(batch.visual_start[0]), batch.n_visual
         embeds[0, start:start + n] = features[0]
-        out = run("prefill", prefill_arrays(batch, embeds))
-        kept = [out[m.find("prefill", "outputs", "kept", stage=s).name] for s in range(len(m.method.stages))]
-        caches = [out[spec.name] for spec in m.caches("prefill", "outputs")]
-        return Prefill(out[m.find("prefill", "outputs", "logits").name][0, -1], kept, caches,
-                       int(batch.positions[0, -1]) + 1)
+        out = self.decoder_graphs(prefill_arrays(batch, embeds))
+        return Prefill(out["logits"][0], out["kept"], out["caches"], int(batch.positions[0, -1]) + 1,
+                       batch.input_ids.shape[1])
+
+    def decoder_graphs(self, arrays: dict) -> dict:
+        """The prefill's segment and select graphs in run order, from the first segment's inputs by role:
+        {"logits", "kept" (per stage), "caches" (per layer key, value, valid, at decode capacity)}. Each graph's
+        outputs are the next one's inputs by role; a segment's caches start empty (the arena's reset set)."""
+        m, run = self.manifest, self.graphs.run
+        self.arena.reset()
+        state, kept, caches = dict(arrays), [], []
+        for graph in m.graphs[2:]:
+            if graph.kind == "segment":
+                past = {(spec.role, spec.layer): arena_buffer(self.arena, self.arena.past, spec.layer, spec.role)
+                        for spec in m.caches(graph.name, "inputs")}
+                out = run(graph.name, {**state, **past})
+                caches += [out[spec.name] for spec in m.caches(graph.name, "outputs")]
+            else:
+                out = run(graph.name, state)
+                kept.append(out[m.find(graph.name, "outputs", "kept", stage=graph.stage).name])
+                state["alive"] = kept[-1]
+            for spec in m.io[graph.name].outputs:
+                if spec.layer is None and spec.role != "kept":
+                    state[spec.role] = out[spec.name]
+        return {"logits": state["logits"], "kept": kept, "caches": caches}
 
     def decode(self, prefill: Prefill, max_new_tokens: int | None = None, sampler: Sampler | None = None,
                on_token: Callable[[int], bool | None] | None = None,
@@ -101,7 +125,7 @@ class Pipeline:
         sampler = sampler or Sampler()
         self._load_arena(prefill.caches)
         stops = [self.manifest.tokens.eos] if stop_tokens is None else list(stop_tokens)
-        return generate(OrtBackend(self.graphs), self.arena, prefill.logits, prefill.next_position, sampler.core(),
+        return generate(OrtBackend(self.graphs, prefill.prompt_len), self.arena, prefill.logits, prefill.next_position, sampler.core(),
                         steps, stops, on_token)
 
     def generate_ids(self, image, prompt: str, max_new_tokens: int | None = None, sampler: Sampler | None = None,
@@ -128,30 +152,33 @@ class Pipeline:
         pre = self.prefill(self.prepare(image, prompt))
         m, run, eos = self.manifest, self.graphs.run, self.manifest.tokens.eos
         embeddings = m.find("embed", "outputs", "embeddings").name
-        logits, present = m.find("decode", "outputs", "logits").name, m.caches("decode", "outputs")
-        past = {(spec.role, spec.layer): cache for spec, cache in zip(m.caches("decode", "inputs"), pre.caches)}
+        past = {(spec.role, spec.layer): cache for spec, cache in
+                zip([c for g in m.segments() for c in m.caches(g.name, "outputs")], pre.caches)}
         token, tokens = sampler(pre.logits), []
         for step in range(steps):
             tokens.append(token)
             if token == eos or step == steps - 1:
                 break
-            embed = run("embed", {"token_ids": np.array([[token]], dtype=np.int64)})[embeddings]
-            out = run("decode", {"embeddings": embed, "position": np.array([pre.next_position + step]),
-                                 "step": np.array(step, dtype=np.int64), **past})
-            past = {(spec.role, spec.layer): out[spec.name] for spec in present}
-            token = sampler(out[logits][0])
+            state = {"hidden": run("embed", {"token_ids": np.array([[token]], dtype=np.int64)})[embeddings],
+                     "positions": np.array([[pre.next_position + step]], dtype=np.int64)}
+            for segment in m.segments():
+                offset = m.segment_prefill_len(segment, pre.prompt_len) + step
+                out = run(segment.name, {**state, "offset": np.array(offset, dtype=np.int64), **past})
+                past.update(((spec.role, spec.layer), out[spec.name]) for spec in m.caches(segment.name, "outputs"))
+                state["hidden"] = out[m.io[segment.name].outputs[0].name]
+            token = sampler(state["hidden"][0])
         return tokens
 
     def time_stages(self, image, prompt: str, repeats: int = 5) -> dict:
-        """Median seconds of the vision and prefill graphs on one input, after a warm-up run (used by
-        `iwp bench-prefill`)."""
+        """Median seconds of the vision graph and of the decoder's prefill (its segments and selections) on one
+        input, after a warm-up run (used by `iwp bench-prefill`)."""
         import statistics
         batch = self.prepare(image, prompt)
         run = self.graphs.run
         (embeds,) = run("embed", {"token_ids": batch.input_ids.numpy()}).values()
         arrays = prefill_arrays(batch, embeds)  # unmerged embeddings: same shapes, same work
         runs = {"vision": lambda: run("vision", {"pixels": batch.pixel_values.numpy()}),
-                "prefill": lambda: run("prefill", arrays)}
+                "prefill": lambda: self.decoder_graphs(arrays)}
         out = {}
         for name, stage in runs.items():
             stage()
@@ -175,5 +202,6 @@ class Pipeline:
 
     def _load_arena(self, caches) -> None:
         """The prefill's caches into the arena's past set, where the first decode step reads them."""
-        for spec, cache in zip(self.manifest.caches("prefill", "outputs"), caches):
+        m = self.manifest
+        for spec, cache in zip([c for g in m.segments() for c in m.caches(g.name, "outputs")], caches):
             arena_buffer(self.arena, self.arena.past, spec.layer, spec.role)[...] = cache

@@ -39,10 +39,16 @@ class TransPruneConfig:
 
 def transition_variation(x: Tensor, y: Tensor) -> Tensor:
     """[B, N, D] sublayer input and residual-free output -> [B, N] TTV, a softmax over the N tokens."""
+    return torch.softmax(transition_logits(x, y), dim=-1)
+
+
+def transition_logits(x: Tensor, y: Tensor) -> Tensor:
+    """[B, T, D] x, y -> [B, T]: each token's transition before the softmax over the visual tokens (per token,
+    so an engine's segment graph computes it for all its tokens and the selection takes the visual ones)."""
     x, y = x.float(), y.float()
     cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
     ratio = y.norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
-    return torch.softmax(rankable((1 - cos.abs()) * ratio), dim=-1)
+    return rankable((1 - cos.abs()) * ratio)
 
 
 def _normalize(x: Tensor) -> Tensor:
