@@ -1,8 +1,10 @@
-"""Build an engine directory: four ONNX graphs, the processor files and manifest.json.
+"""Build an engine directory: its ONNX graphs (export/graphs.py), the token table, the processor files and
+manifest.json.
 
     engines/<model>-<method>[-b<budget>]-<grid>[-native][-fp16][-trt]-<settings hash>/
-        embed.onnx vision.onnx prefill.onnx decode.onnx
-        embed.plan ... decode.plan   (BACKEND=tensorrt: TensorRT engines, version in the manifest)
+        embed.onnx vision.onnx segment.0.onnx [select.0.onnx segment.1.onnx ...]
+        token_table.bin   (the embedding table, stored once: embed's input and, when tied, the LM head's)
+        *.plan            (BACKEND=tensorrt: one TensorRT engine per graph, version in the manifest)
         tokenizer files, preprocessor_config.json, chat_template.jinja, processor_config.json
         manifest.json   (the resolved config and the io section; iwp/engine_format.py types it, and the
                          runtime reads everything from here)
@@ -127,7 +129,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     from iwp.processor import save_processor
     from iwp.zoo import load
 
-    from .graphs import Decoder, export_program, names, save
+    from .graphs import Decoder, export_program, graph_jobs, names, save
 
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
                   dtype=DTYPES[spec.dtype])
@@ -148,9 +150,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     plan = method.plan(model.n_layers, n, budget) if method else None
     tokens_per_layer = plan.tokens_per_layer if plan else (n,) * model.n_layers
     stages = tuple(tuple(s) for s in plan.stages) if plan else ()
-    ttv_start = getattr(method, "ttv_start", None)
-    decoder = Decoder(model.n_layers, n, stages, tied=_tied(model),
-                      ttv_layers=(ttv_start, stages[-1][0]) if ttv_start is not None and stages else None)
+    decoder = Decoder.of(model, method, plan, n)
     graphs = decoder.graphs()
     tokenizer = loaded.processor.tokenizer
     length = n + spec.max_text_tokens
@@ -161,20 +161,15 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
         table = model.embed_tokens.weight.detach()
         table.contiguous().numpy().tofile(staging / TABLE_FILE)
         io = {}
-        with torch.no_grad():
-            state = _example_state(model, batch, cache_len)
-            for graph in graphs:
-                name = graph["name"]
-                progress(f"exporting {name} graph ...")
-                module, args, dynamic = _job(graph, model, decoder, method, loaded, batch, state, table, length,
-                                             native=spec.select == "native")
-                named = decoder.tensors(graph)
-                program = export_program(module, args, names(named[0]), names(named[1]), dynamic)
-                io[name] = graph_io(program.model_proto, named)
-                save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
-                del program
-                if graph["kind"] in ("segment", "select"):   # the next graph's example inputs
-                    _advance(state, named[1], module(*args))
+        for graph, module, args, dynamic in graph_jobs(model, decoder, method, loaded, batch, length, cache_len,
+                                                       native=spec.select == "native"):
+            name = graph["name"]
+            progress(f"exporting {name} graph ...")
+            named = decoder.tensors(graph)
+            program = export_program(module, args, names(named[0]), names(named[1]), dynamic)
+            io[name] = graph_io(program.model_proto, named)
+            save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
+            del program
         save_processor(loaded.processor, staging)
         tensorrt = None
         if spec.backend == "tensorrt":
@@ -227,67 +222,6 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
 
 TABLE_FILE = "token_table.bin"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
-
-
-def _tied(model) -> bool:
-    """The LM head is the token table (Qwen2-0.5B ties them; 7B does not)."""
-    return model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
-
-
-def _example_state(model, batch, cache_len: list[int]) -> dict:
-    """The prefill's tensors by role, advanced graph by graph: the example inputs of the next export."""
-    embeds = model.embed(batch)
-    dtype = embeds.dtype
-    caches = {}
-    for layer, slots in enumerate(cache_len):
-        shape = (1, model.n_kv, slots, model.head_dim)
-        caches[("key", layer)] = torch.zeros(shape, dtype=dtype)
-        caches[("value", layer)] = torch.zeros(shape, dtype=dtype)
-        caches[("valid", layer)] = torch.zeros(1, slots, dtype=torch.bool)
-    return {"hidden": embeds, "positions": batch.positions, "visual_start": batch.visual_start,
-            "query_idx": batch.query_idx, "query_mask": batch.query_mask, "last_idx": batch.last_idx,
-            "offset": torch.tensor(0), **caches}
-
-
-def _advance(state: dict, outputs: list[tuple], values) -> None:
-    for (_, role, layer, stage), value in zip(outputs, values):
-        if role in ("key", "value", "valid"):
-            continue            # the next segment's caches are its own layers' (still empty)
-        state["alive" if role == "kept" else role] = value
-
-
-def _job(graph: dict, model, decoder, method, loaded, batch, state: dict, table, length: int, native: bool):
-    """(module, example args, dynamic shapes) of one graph."""
-    from .graphs import EmbedGraph, SegmentGraph, SelectGraph, VisionGraph
-    kind = graph["kind"]
-    inputs, _ = decoder.tensors(graph)
-    if kind == "embed":
-        tokens = torch.export.Dim("tokens", min=1, max=length)
-        return EmbedGraph(), (batch.input_ids, table), ({1: tokens}, None)
-    if kind == "vision":
-        return VisionGraph(model, loaded.resolution), (batch.pixel_values,), None
-    if kind == "segment":
-        first, end = graph["layers"]
-        most = length - loaded.n_visual + decoder.alive(sum(1 for s in decoder.stages if s[0] <= first))
-        module = SegmentGraph(model, decoder, first, end)
-        tokens = torch.export.Dim("tokens", min=1, max=most)
-    else:
-        alive = decoder.alive(graph["stage"])
-        module = SelectGraph(model, decoder, method, graph["stage"], batch.visual_xy[None], native=native)
-        tokens = torch.export.Dim("tokens", min=alive + 1, max=length - loaded.n_visual + alive)
-    args = tuple(table if role == "token_table" else state[role if layer is None else (role, layer)]
-                 for _, role, layer, _ in inputs)
-    dynamic = tuple({1: tokens} if role in ("hidden", "positions", "transitions") else None
-                    for _, role, _, _ in inputs)
-    if kind == "select" and "transitions" in [role for _, role, _, _ in inputs]:
-        dynamic = tuple({2: tokens} if role == "transitions" else d for (_, role, _, _), d in zip(inputs, dynamic))
-    # by forward's parameter names, its *rest as one entry (torch.onnx turns a top-level tuple into a list)
-    params = ("hidden", "positions", "offset") if kind == "segment" else (
-        "hidden", "positions", "visual_start", "query_idx", "query_mask", "last_idx")
-    named = dict(zip(params, dynamic))
-    if len(dynamic) > len(params):
-        named["rest"] = tuple(dynamic[len(params):])
-    return module, args, named
 
 
 def weight_bytes(hf, directory: Path, graphs: list[dict], stages, model) -> dict:

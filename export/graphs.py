@@ -44,17 +44,30 @@ class Decoder:
     tied: bool
     ttv_layers: tuple[int, int] | None = None
 
+    @classmethod
+    def of(cls, model: PrunedLlavaOnevision, method, plan, n_visual: int) -> Decoder:
+        """The cut of a model's decoder for a method's plan (None: unpruned, one segment)."""
+        stages = tuple(tuple(s) for s in plan.stages) if plan else ()
+        ttv_start = getattr(method, "ttv_start", None)
+        tied = model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()   # 0.5b ties, 7b does not
+        return cls(model.n_layers, n_visual, stages, tied,
+                   (ttv_start, stages[-1][0]) if ttv_start is not None and stages else None)
+
     def graphs(self) -> list[dict]:
-        """manifest.json's graphs list, in run order."""
+        """manifest.json's graphs list, in run order. A stage at layer 0 (DivPrune, random: they select from the
+        input embeddings) runs before the first segment."""
         cuts = [layer for layer, _ in self.stages]
-        if cuts != sorted(set(cuts)) or (cuts and not (0 < cuts[0] and cuts[-1] < self.n_layers)):
-            raise ValueError(f"stage layers {cuts} must be increasing, in 1..{self.n_layers - 1}")
+        if cuts != sorted(set(cuts)) or (cuts and not (0 <= cuts[0] and cuts[-1] < self.n_layers)):
+            raise ValueError(f"stage layers {cuts} must be increasing, in 0..{self.n_layers - 1}")
         bounds = [0, *cuts, self.n_layers]
         out = [{"name": "embed", "kind": "embed"}, {"name": "vision", "kind": "vision"}]
+        segments = 0
         for j, (first, end) in enumerate(zip(bounds, bounds[1:])):
             if j:
                 out.append({"name": f"select.{j - 1}", "kind": "select", "stage": j - 1, "layer": first})
-            out.append({"name": f"segment.{j}", "kind": "segment", "layers": [first, end]})
+            if first < end:
+                out.append({"name": f"segment.{segments}", "kind": "segment", "layers": [first, end]})
+                segments += 1
         return out
 
     def transition_layers(self, first: int, end: int) -> list[int]:
@@ -206,6 +219,76 @@ class SelectGraph(torch.nn.Module):
         return tuple(outputs)
 
 
+def graph_jobs(model: PrunedLlavaOnevision, decoder: Decoder, method, loaded, batch, length: int, cache_len,
+               native: bool = False):
+    """Each graph of an engine in run order as (graph, module, example args, dynamic shapes): the example
+    inputs of each decoder graph are the previous ones' outputs on the example batch, as at run time."""
+    table = model.embed_tokens.weight.detach()
+    with torch.no_grad():
+        state = _example_state(model, batch, cache_len)
+    for graph in decoder.graphs():
+        module, args, dynamic = _job(graph, model, decoder, method, loaded, batch, state, table, length, native)
+        yield graph, module, args, dynamic
+        if graph["kind"] in ("segment", "select"):   # the next graph's example inputs
+            with torch.no_grad():
+                _advance(state, decoder.tensors(graph)[1], module(*args))
+
+
+def _example_state(model, batch, cache_len: list[int]) -> dict:
+    """The prefill's tensors by role, advanced graph by graph: the example inputs of the next export."""
+    embeds = model.embed(batch)
+    dtype = embeds.dtype
+    caches = {}
+    for layer, slots in enumerate(cache_len):
+        shape = (1, model.n_kv, slots, model.head_dim)
+        caches[("key", layer)] = torch.zeros(shape, dtype=dtype)
+        caches[("value", layer)] = torch.zeros(shape, dtype=dtype)
+        caches[("valid", layer)] = torch.zeros(1, slots, dtype=torch.bool)
+    return {"hidden": embeds, "positions": batch.positions, "visual_start": batch.visual_start,
+            "query_idx": batch.query_idx, "query_mask": batch.query_mask, "last_idx": batch.last_idx,
+            "offset": torch.tensor(0), **caches}
+
+
+def _advance(state: dict, outputs: list[tuple], values) -> None:
+    for (_, role, layer, stage), value in zip(outputs, values):
+        if role in ("key", "value", "valid"):
+            continue            # the next segment's caches are its own layers' (still empty)
+        state["alive" if role == "kept" else role] = value
+
+
+def _job(graph: dict, model, decoder, method, loaded, batch, state: dict, table, length: int, native: bool):
+    """(module, example args, dynamic shapes) of one graph."""
+    kind = graph["kind"]
+    inputs, _ = decoder.tensors(graph)
+    if kind == "embed":
+        tokens = torch.export.Dim("tokens", min=1, max=length)
+        return EmbedGraph(), (batch.input_ids, table), ({1: tokens}, None)
+    if kind == "vision":
+        return VisionGraph(model, loaded.resolution), (batch.pixel_values,), None
+    if kind == "segment":
+        first, end = graph["layers"]
+        most = length - loaded.n_visual + decoder.alive(sum(1 for s in decoder.stages if s[0] <= first))
+        module = SegmentGraph(model, decoder, first, end)
+        tokens = torch.export.Dim("tokens", min=1, max=most)
+    else:
+        alive = decoder.alive(graph["stage"])
+        module = SelectGraph(model, decoder, method, graph["stage"], batch.visual_xy[None], native=native)
+        tokens = torch.export.Dim("tokens", min=alive + 1, max=length - loaded.n_visual + alive)
+    args = tuple(table if role == "token_table" else state[role if layer is None else (role, layer)]
+                 for _, role, layer, _ in inputs)
+    dynamic = tuple({1: tokens} if role in ("hidden", "positions", "transitions") else None
+                    for _, role, _, _ in inputs)
+    if kind == "select" and "transitions" in [role for _, role, _, _ in inputs]:
+        dynamic = tuple({2: tokens} if role == "transitions" else d for (_, role, _, _), d in zip(inputs, dynamic))
+    # by forward's parameter names, its *rest as one entry (torch.onnx turns a top-level tuple into a list)
+    params = ("hidden", "positions", "offset") if kind == "segment" else (
+        "hidden", "positions", "visual_start", "query_idx", "query_mask", "last_idx")
+    named = dict(zip(params, dynamic))
+    if len(dynamic) > len(params):
+        named["rest"] = tuple(dynamic[len(params):])
+    return module, args, named
+
+
 def export_program(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_shapes=None):
     """torch.onnx (dynamo) export with iwp's op translations -> torch.onnx.ONNXProgram."""
     import logging
@@ -221,11 +304,37 @@ def export_program(module: torch.nn.Module, args: tuple, input_names, output_nam
             module = module.eval()
             if dynamic_shapes is not None:   # torch.onnx would turn *rest's tuple of shapes into a list
                 module = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-            return torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
-                                     output_names=list(output_names),
-                                     custom_translation_table=custom_translation_table(), verbose=False)
+            program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
+                                        output_names=list(output_names),
+                                        custom_translation_table=custom_translation_table(), verbose=False)
     finally:
         registration.setLevel(level)
+    if dynamic_shapes is not None:
+        name_dims(program.model, "tokens")
+    for node in program.model.graph.all_nodes():   # torch's per-node stack traces: as many bytes as a small model
+        node.metadata_props.clear()
+    return program
+
+
+def name_dims(model, name: str) -> None:
+    """The graph's one dynamic input dimension (torch.export calls it s18 or the like) renamed `name`
+    everywhere, expressions included ("s18 - 272" -> "tokens - 272"), so manifests and TensorRT profiles read
+    the same word in every graph."""
+    import re
+
+    import onnx_ir as ir
+    graph = model.graph
+    symbols = {d.value for v in graph.inputs if v.shape is not None for d in v.shape
+               if isinstance(d, ir.SymbolicDim) and d.value and d.value.isidentifier()}
+    assert len(symbols) == 1, symbols   # each graph has one dynamic length
+    pattern = re.compile(rf"\b{re.escape(symbols.pop())}\b")
+
+    def rename(value) -> None:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value for d in value.shape):
+            value.shape = ir.Shape([ir.SymbolicDim(pattern.sub(name, d.value)) if isinstance(d, ir.SymbolicDim)
+                                    and d.value else d for d in value.shape])
+    for value in (*graph.inputs, *graph.outputs, *(out for node in graph.all_nodes() for out in node.outputs)):
+        rename(value)
 
 
 def export(module: torch.nn.Module, args: tuple, input_names, output_names,

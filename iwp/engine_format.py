@@ -399,18 +399,24 @@ def _check(m: EngineManifest) -> None:
         for direction in ("inputs", "outputs"):
             seen, names = set(), set()
             for i, t in enumerate(getattr(io, direction)):
-                _check_tensor(m, t, f"io.{graph}.{direction}[{i}]", ROLES[kind][direction])
+                _check_tensor(m, t, f"{_io(graph)}.{direction}[{i}]", ROLES[kind][direction])
                 if (t.role, t.layer, t.stage) in seen:
-                    raise _Bad(f"manifest.json field io.{graph}.{direction}[{i}].role repeats role {t.role}")
+                    raise _Bad(f"manifest.json field {_io(graph)}.{direction}[{i}].role repeats role {t.role}")
                 if t.name in names:
-                    raise _Bad(f"manifest.json field io.{graph}.{direction}[{i}].name repeats the name "
+                    raise _Bad(f"manifest.json field {_io(graph)}.{direction}[{i}].name repeats the name "
                                f"{_shown(t.name)}")
                 seen.add((t.role, t.layer, t.stage))
                 names.add(t.name)
 
 
+def _io(graph: str) -> str:
+    """A graph's path in the io section as the reader spells it (segment.0 is not an identifier)."""
+    return f"io.{graph}" if graph.isidentifier() else f"io[{_shown(graph)}]"
+
+
 def _check_graphs(m: EngineManifest) -> None:
-    """embed and vision first, then segments covering every layer in order, a select between each two."""
+    """embed and vision first, then segments covering every layer in order with a select at each stage layer
+    (before the first segment when the stage is at layer 0), segments and selects alternating."""
     graphs = m.graphs
     names = [g.name for g in graphs]
     for i, g in enumerate(graphs):
@@ -422,28 +428,30 @@ def _check_graphs(m: EngineManifest) -> None:
         if f"{g.name}.onnx" not in m.files:
             raise _Bad(f"manifest.json field files records no {g.name}.onnx")
         if g.name not in m.io:
-            raise _Bad(f"manifest.json field io.{g.name} is missing")
+            raise _Bad(f"manifest.json field {_io(g.name)} is missing")
     if [g.kind for g in graphs[:2]] != ["embed", "vision"]:
         raise _Bad("manifest.json field graphs does not start with the embed and vision graphs")
-    decoder = graphs[2:]
-    kinds = [g.kind for g in decoder]
-    expected = ["segment"] + ["select", "segment"] * len(m.method.stages)
-    if kinds != expected:
-        raise _Bad(f"manifest.json field graphs runs {', '.join(kinds) or 'nothing'} after vision, not "
-                   f"{len(m.method.stages) + 1} segments with a select between each two")
-    end = 0
-    for i, g in enumerate(decoder):
-        where = f"manifest.json field graphs[{i + 2}]"
+    end, stage, previous = 0, 0, None
+    for i, g in enumerate(graphs[2:], start=2):
+        where = f"manifest.json field graphs[{i}]"
+        if g.kind not in ("segment", "select") or g.kind == previous:
+            raise _Bad(f"{where} is a {g.kind} after a {previous or 'vision'}: segments and selects alternate "
+                       "after embed and vision")
         if g.kind == "segment":
             if g.layers is None or g.layers[0] != end or not g.layers[0] < g.layers[1] <= m.model.n_layers:
                 raise _Bad(f"{where}.layers is {_shown(g.layers)}, not a range of layers from {end}")
             end = g.layers[1]
         else:
-            stage = i // 2
-            if g.stage != stage or g.layer != end or (g.layer, ) != tuple(m.method.stages[stage][:1]):
+            if stage >= len(m.method.stages) or g.stage != stage or g.layer != end \
+                    or g.layer != m.method.stages[stage][0]:
                 raise _Bad(f"{where} is not stage {stage} at layer {end}")
-    if end != m.model.n_layers:
+            stage += 1
+        previous = g.kind
+    if end != m.model.n_layers or previous != "segment":
         raise _Bad(f"manifest.json field graphs' segments end at layer {end}, not model.n_layers {m.model.n_layers}")
+    if stage != len(m.method.stages):
+        raise _Bad(f"manifest.json field graphs has {stage} selects, not one per method stage "
+                   f"({len(m.method.stages)})")
 
 
 def _check_tensor(m: EngineManifest, t: TensorSpec, path: str, roles: tuple[str, ...]) -> None:

@@ -39,13 +39,21 @@ def test_greedy_32_tokens_and_kept_indices_match_pytorch(pipeline, tiny, tiny_mo
 
 def test_manifest_records_the_resolved_build(built):
     manifest = read_manifest(built)
-    assert manifest.format == 3
+    assert manifest.format == 4
     assert manifest.method.config["lam"] == 0.3 and manifest.method.stages == ((2, 64),)
     assert manifest.method.nodes[0]["plugin_namespace"] == "iwp" and manifest.method.options == {}
     assert manifest.shapes.max_prompt == 336 + 96
-    assert manifest.shapes.prefill_len[0] == 96 + 336 and manifest.shapes.prefill_len[2] == 96 + 64
+    assert [(g.name, g.kind, g.layers, g.stage) for g in manifest.graphs] == [
+        ("embed", "embed", None, None), ("vision", "vision", None, None), ("segment.0", "segment", (0, 2), None),
+        ("select.0", "select", None, 0), ("segment.1", "segment", (2, 8), None)]
+    first, second = manifest.segments()
+    assert manifest.segment_prefill_len(first, 400) == 400 and manifest.segment_prefill_len(second, 400) == 400 - 336 + 64
+    assert manifest.shapes.cache_len[0] == 96 + 336 + 32 and manifest.shapes.cache_len[2] == 96 + 64 + 32
+    assert manifest.token_table.shape == (manifest.model.vocab_size, manifest.model.hidden_size)
+    assert not manifest.token_table.tied and manifest.weights.copies[0].graph == "select.0"
     assert 0 < manifest.flops.ratio < 1
-    assert set(manifest.files) >= {"embed.onnx", "vision.onnx", "prefill.onnx", "decode.onnx"}
+    assert set(manifest.files) >= {"embed.onnx", "vision.onnx", "segment.0.onnx", "select.0.onnx", "segment.1.onnx",
+                                   "token_table.bin"}
     assert {"torch", "transformers", "onnx", "onnxruntime", "iwp"} <= set(manifest.tools)
 
 
@@ -60,10 +68,14 @@ def test_io_section_is_each_graphs_own_names_shapes_and_dtypes(built):
             assert [list(t.shape) for t in recorded] == [[d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
                                                          for v in values]
     assert manifest.find("embed", "inputs", "token_ids").shape == (1, "tokens")
-    assert manifest.find("prefill", "outputs", "kept", stage=0).dtype == "int64"
-    valid = manifest.find("decode", "inputs", "valid", layer=3)
+    assert manifest.find("select.0", "outputs", "kept", stage=0).dtype == "int64"
+    assert manifest.find("select.0", "outputs", "hidden").shape == (1, "tokens - 272", 64)   # 336 -> 64 kept
+    valid = manifest.find("segment.1", "inputs", "valid", layer=3)
     assert valid.dtype == "bool" and valid.shape == (1, manifest.shapes.cache_len[3])
-    assert [t.role for t in manifest.io["decode"].inputs[:3]] == ["embeddings", "position", "step"]
+    assert [t.role for t in manifest.io["segment.1"].inputs[:3]] == ["hidden", "positions", "offset"]
+    assert manifest.find("segment.1", "inputs", "hidden").shape == (1, "tokens", 64)        # prefill or one token
+    with pytest.raises(ValueError, match="segment.0 has no key .layer 2. input"):
+        manifest.find("segment.0", "inputs", "key", layer=2)                                # layer 2 is segment.1's
 
 
 def test_rebuild_with_the_same_inputs_is_reused(built):
@@ -101,17 +113,24 @@ def test_interrupted_build_leaves_nothing_that_looks_valid(tmp_path, monkeypatch
 @pytest.mark.parametrize("damage, words", [
     (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json is corrupt"),
     (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
-    (lambda d: (d / "prefill.onnx").unlink(), "prefill.onnx is missing"),
-    (lambda d: (d / "decode.onnx").write_bytes(b"garbage"), "decode.onnx does not match the hash"),
+    (lambda d: (d / "segment.1.onnx").unlink(), "segment.1.onnx is missing"),
+    (lambda d: (d / "token_table.bin").unlink(), "token_table.bin is missing"),
+    (lambda d: (d / "token_table.bin").write_bytes(b"garbage"), "token_table.bin does not match the hash"),
+    (lambda d: (d / "segment.0.onnx").write_bytes(b"garbage"), "segment.0.onnx does not match the hash"),
     (lambda d: _edit_manifest(d, format=99), "manifest format 99"),
-    (lambda d: _edit_manifest(d, format=2), "manifest format 2 is not this iwp's format 3"),
+    (lambda d: _edit_manifest(d, format=3), "manifest format 3 is not this iwp's format 4"),   # the older layout
     (lambda d: (d / "manifest.json").write_text("[1, 2]"), "manifest.json is an array, not an object"),
-    (lambda d: (d / "manifest.json").write_text('{"format": 3, "files": {}}'), "field inputs_hash is missing"),
+    (lambda d: (d / "manifest.json").write_text('{"format": 4, "files": {}}'), "field inputs_hash is missing"),
+    (lambda d: _edit_graphs(d, lambda g: g.pop(3)), "graphs[3] is a segment after a segment"),
+    (lambda d: _edit_graphs(d, lambda g: g[4].update(layers=[3, 8])), "graphs[4].layers is [3, 8], not a range"),
     (lambda d: (d / "manifest.json").write_text('{"format": 2, "files": {}}'), "manifest format 2"),
     (lambda d: _edit_manifest(d, model="tiny"), "field model is a string, not an object"),
-    (lambda d: _edit_io(d, "decode", "inputs", 4, layer="0"), "io.decode.inputs[4].layer is a string, not an integer"),
+    (lambda d: _edit_io(d, "segment.0", "inputs", 4, layer="0"),
+     'io["segment.0"].inputs[4].layer is a string, not an integer'),
+    (lambda d: _edit_io(d, "segment.0", "inputs", 0, role="pixels"), 'io["segment.0"].inputs[0].role is "pixels"'),
     (lambda d: _swap_graph(d, "embed", "vision"), "vision.onnx is not the vision graph of this engine"),
-    (lambda d: _edit_io(d, "prefill", "outputs", 0, name="renamed"), "prefill.onnx is not the prefill graph"),
+    (lambda d: _swap_graph(d, "segment.0", "segment.1"), "segment.1.onnx is not the segment.1 graph"),
+    (lambda d: _edit_io(d, "select.0", "outputs", 0, name="renamed"), "select.0.onnx is not the select.0 graph"),
 ])
 def test_damaged_engine_gets_one_line_error(built, tmp_path, damage, words):
     copy = tmp_path / built.name
@@ -131,6 +150,12 @@ def _edit_manifest(directory, **changes):
 def _edit_io(directory, graph, kind, index, **changes):
     manifest = json.loads((directory / "manifest.json").read_text())
     manifest["io"][graph][kind][index].update(changes)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_graphs(directory, change):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    change(manifest["graphs"])
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -184,7 +209,8 @@ def test_public_steps_compose_to_generate_ids_and_the_observer_sees_every_graph_
     assert ids == expected and [k.tolist() for k in pre.kept] == [k.tolist() for k in kept]
     assert pre.logits.shape == (pipeline.manifest.model.vocab_size,) and len(pre.caches) == 3 * pipeline.manifest.model.n_layers
     io = pipeline.manifest.io
-    assert [name for name, *_ in seen] == ["embed", "vision", "prefill"] + ["embed", "decode"] * 4   # 5 tokens: 4 decode steps
+    prefill = ["embed", "vision", "segment.0", "select.0", "segment.1"]
+    assert [name for name, *_ in seen] == prefill + ["embed", "segment.0", "segment.1"] * 4   # 5 tokens: 4 steps
     for name, feeds, outputs, seconds in seen:
         assert feeds == [t.name for t in io[name].inputs] and outputs == [t.name for t in io[name].outputs]
         assert seconds > 0
@@ -230,10 +256,10 @@ def test_fp16_engine_is_fp16_in_the_file_and_keeps_the_references_tokens(tmp_pat
     spec = EngineSpec("tiny-llava-ov", "iwp", 32, max_text_tokens=48, max_new_tokens=8, dtype="fp16")
     directory = build(spec, tmp_path, progress=lambda _: None)
     assert re.fullmatch(r".*-fp16-[0-9a-f]{8}", directory.name), directory.name   # dtype, then the settings hash
-    prefill = onnx.load(directory / "prefill.onnx")
-    embeds = next(i for i in prefill.graph.input if i.name == "inputs_embeds")
-    assert embeds.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    floats = [t for t in prefill.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 64 * 64
+    segment = onnx.load(directory / "segment.1.onnx")
+    assert segment.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16    # the hidden states
+    assert read_manifest(directory).token_table.dtype == "float16"
+    floats = [t for t in segment.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 64 * 64
               and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
     assert floats and all(t.data_type == onnx.TensorProto.FLOAT16 for t in floats)  # the weights are fp16
     pipeline = Pipeline.from_engine(directory)
@@ -252,7 +278,7 @@ def test_external_data_engine_loads_and_generates_the_same_tokens(pipeline, tmp_
     spec = EngineSpec("tiny-llava-ov", "iwp", 64, max_text_tokens=96, max_new_tokens=32, external_data=True)
     directory = build(spec, tmp_path, progress=lambda _: None)
     data = sorted(p.name for p in directory.iterdir() if p.suffix == ".data")
-    assert {"prefill.onnx.data", "decode.onnx.data"} <= set(data)
+    assert {"vision.onnx.data", "segment.0.onnx.data", "select.0.onnx.data", "segment.1.onnx.data"} <= set(data)
     assert set(data) <= set(read_manifest(directory).files)  # the side files are hashed too
     external = Pipeline.from_engine(directory)
     prompt = "What colour is the circle?"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from iwp.demo import demo_image
-from iwp.export.graphs import PREFILL_INPUTS, PrefillGraph, export
-from iwp.inputs import make_batch
+from iwp.export.graphs import Decoder, SelectGraph, export, graph_jobs, names
+from iwp.inputs import fit_capacity, make_batch
 from iwp.plugins.visual_token_select import METHODS, make_method
 from iwp.plugins.visual_token_select.ort_op import session
 
@@ -18,22 +18,32 @@ def _plain_session(model):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_native_twin_gives_the_plugin_nodes_indices(tiny, tiny_model, name):
+    """Every select graph of the method's engine, exported with the op and as the twin, on the same inputs."""
     batch = make_batch(tiny, demo_image(6), "Which shape is on the left?")
     method = make_method(name)
     budget = 72 if name in ("btp", "transprune") else 24  # average-per-layer budgets need more
     plan = method.plan(tiny_model.n_layers, batch.n_visual, budget)
-    args = PrefillGraph(tiny_model, batch, method, plan).example_inputs(tiny_model.embed(batch))
-    feeds = {n: a.numpy() for n, a in zip(PREFILL_INPUTS, args)}
-    outputs = {}
-    for native in (False, True):
-        graph = PrefillGraph(tiny_model, batch, method, plan, native=native)
-        model = export(graph, args, PREFILL_INPUTS, graph.output_names())
-        has_plugin = any(node.domain == "iwp" for node in model.graph.node)
-        assert has_plugin != native
-        outputs[native] = (_plain_session(model) if native else session(model)).run(None, feeds)
-    for stage in range(len(plan.stages)):
-        assert outputs[True][1 + stage].tolist() == outputs[False][1 + stage].tolist()
-    np.testing.assert_allclose(outputs[True][0], outputs[False][0], atol=1e-4, rtol=0)
+    decoder = Decoder.of(tiny_model, method, plan, batch.n_visual)
+    length = batch.n_visual + 64
+    batch = fit_capacity(batch, length)
+    cache_len = [length - batch.n_visual + k + 4 for k in plan.tokens_per_layer]
+    stages = 0
+    for graph, module, args, dynamic in graph_jobs(tiny_model, decoder, method, tiny, batch, length, cache_len):
+        if graph["kind"] != "select":
+            continue
+        inputs, outputs = (names(t) for t in decoder.tensors(graph))
+        feeds = {n: a.numpy() for n, a in zip(inputs, args)}
+        results = {}
+        for native in (False, True):
+            twin = SelectGraph(tiny_model, decoder, method, graph["stage"], batch.visual_xy[None], native=native)
+            model = export(twin, args, inputs, outputs, dynamic)
+            assert any(node.domain == "iwp" for node in model.graph.node) != native
+            results[native] = (_plain_session(model) if native else session(model)).run(None, feeds)
+        assert results[True][0].tolist() == results[False][0].tolist(), graph["name"]      # the kept indices
+        for got, want in zip(results[True][1:], results[False][1:]):
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        stages += 1
+    assert stages == len(plan.stages)
 
 
 def test_stable_sort_translation_breaks_ties_by_lower_index():
