@@ -2,10 +2,11 @@
 in one run, with the FLOP-ideal speedup beside each measurement and selection's share.
 
 Two backends:
-- onnxruntime (CPU, the engines' runtime here): for each (method, budget) the prefill graph alone is exported
-  (the vision, embedding and decode graphs do not depend on the method), loaded with the iwp op, timed on
-  the same inputs after a warm-up, and deleted; a full engine per setting would cost minutes and gigabytes
-  at 0.5b scale. The time inside the VisualTokenSelect nodes is read from the op itself.
+- onnxruntime (CPU, the engines' runtime here): for each (method, budget) the engine's decoder graphs alone
+  (its segments and selections; vision and embedding do not depend on the method) are exported, loaded with
+  the iwp op, run in order on the prompt's real length after a warm-up, and deleted; a full engine per
+  setting would cost minutes and gigabytes at 0.5b scale. The time inside the VisualTokenSelect nodes is
+  read from the op itself.
 - torch (a GPU where there is one, bf16 and SDPA): the PyTorch pruned forward's prefill, with the selection on
   the CUDA kernels (build/plugins) when they load, else the reference. Selection time is measured in
   separate runs that synchronize around each selection, so the prefill timings carry no extra syncs.
@@ -13,7 +14,7 @@ Two backends:
 - measured speedup = unpruned prefill median / pruned prefill median (same process, same inputs);
 - FLOP-ideal speedup = the unpruned prefill's FLOPs over the pruned one's, 4nd² + 2n²d + 3ndm per layer over
   the visual tokens (the published convention, iwp/flops.py); the ideal that also counts the engine's
-  padded text slots is reported beside it;
+  prompt's text tokens is reported beside it;
 - selection share = time inside the selection nodes / pruned prefill.
 
 Output: bench.json, bench.md and bench.png (speedup against budget per method, with each budget's FLOP-ideal
@@ -52,26 +53,44 @@ def _time(run, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
     return walls, selections
 
 
-def _onnxruntime_timer(pruned, batch, embeds, out: Path, warmup: int, repeats: int):
-    from iwp.export.graphs import PREFILL_INPUTS, PrefillGraph, export_program, graph_tensors, save
+def _onnxruntime_timer(pruned, loaded, batch, embeds, length: int, out: Path, warmup: int, repeats: int):
+    """Per (method, plan): the engine's decoder graphs alone (segments and selections; embed and vision do not
+    depend on the method), exported to a temporary directory, run in order on the prompt's real length."""
+    from iwp.export.graphs import Decoder, export_program, graph_jobs, names, save
     from iwp.plugins.visual_token_select.ort_op import session
     from iwp.runtime.prompt import prefill_arrays
-    arrays = prefill_arrays(batch, embeds.numpy())   # by role; the graph's inputs do not depend on the method
-    feeds = {name: arrays[role] for name, role, _, _ in graph_tensors("prefill", pruned.n_layers, 0)[0]}
+    arrays = prefill_arrays(batch, embeds.numpy())   # by role, the first segment's and selection's inputs
 
     def measure(method, plan) -> tuple[list[float], list[float]]:
+        decoder = Decoder.of(pruned, method, plan, batch.n_visual)
+        tokens = plan.tokens_per_layer if plan else (batch.n_visual,) * pruned.n_layers
+        cache_len = [length - batch.n_visual + k + 16 for k in tokens]
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            graph = PrefillGraph(pruned, batch, method, plan, max_new_tokens=16)
-            with torch.no_grad():
-                program = export_program(graph, graph.example_inputs(embeds), PREFILL_INPUTS, graph.output_names())
-            save(program, Path(tmp) / "prefill.onnx")
-            del program, graph
-            gc.collect()
-            sess = session(Path(tmp) / "prefill.onnx")
+            graphs = []
+            for graph, module, args, dynamic in graph_jobs(pruned, decoder, method, loaded, batch, length, cache_len):
+                if graph["kind"] in ("embed", "vision"):
+                    continue
+                inputs, outputs = decoder.tensors(graph)
+                with torch.no_grad():
+                    program = export_program(module, args, names(inputs), names(outputs), dynamic)
+                save(program, Path(tmp) / f"{graph['name']}.onnx")
+                caches = {(role, layer): a.numpy() for (_, role, layer, _), a in zip(inputs, args) if layer is not None}
+                graphs.append((session(Path(tmp) / f"{graph['name']}.onnx"), inputs, outputs, caches))
+                del program, module
+                gc.collect()
+
+            def chain():
+                state = dict(arrays)
+                for sess, inputs, outputs, caches in graphs:
+                    feeds = {name: caches[(role, layer)] if layer is not None else state[role]
+                             for name, role, layer, _ in inputs}
+                    for (_, role, layer, _), value in zip(outputs, sess.run(None, feeds)):
+                        if layer is None:
+                            state["alive" if role == "kept" else role] = value
             try:
-                return _time(lambda: sess.run(None, feeds), warmup, repeats)
+                return _time(chain, warmup, repeats)
             finally:
-                del sess
+                del graphs
                 gc.collect()
     return measure
 
@@ -127,7 +146,7 @@ def run(model: str = "llava-ov-0.5b", methods=METHODS, budgets=BUDGETS, repeats:
         out: Path = Path("benchmarks"), progress=print, backend: str = "onnxruntime", device: str = "cpu",
         dtype: str = "fp32", grid: str | None = None) -> dict:
     from iwp.demo import demo_image
-    from iwp.inputs import make_batch, pad_to_length
+    from iwp.inputs import fit_capacity, make_batch
     from iwp.model import PrunedLlavaOnevision
     from iwp.plugins.visual_token_select import make_method
     from iwp.zoo import load
@@ -143,8 +162,8 @@ def run(model: str = "llava-ov-0.5b", methods=METHODS, budgets=BUDGETS, repeats:
     n, layers = loaded.n_visual, pruned.n_layers
     d, m = model_dims(loaded.model)
     length = n + max_text_tokens
-    batch = pad_to_length(make_batch(loaded, demo_image(0, loaded.resolution[::-1]), "Describe the image."),
-                          length, loaded.processor.tokenizer.pad_token_id)
+    batch = fit_capacity(make_batch(loaded, demo_image(0, loaded.resolution[::-1]), "Describe the image."), length)
+    text_tokens = batch.input_ids.shape[1] - n     # the prompt's own: prefills run unpadded
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if backend == "torch":
@@ -158,9 +177,10 @@ def run(model: str = "llava-ov-0.5b", methods=METHODS, budgets=BUDGETS, repeats:
         measure, selection_path = _torch_timer(pruned, batch, embeds, target_device, warmup, repeats)
         label = f"torch {dtype} on {target_device} (selection: {selection_path})"
     else:
-        measure, label = _onnxruntime_timer(pruned, batch, embeds, out, warmup, repeats), "onnxruntime (CPU)"
+        measure = _onnxruntime_timer(pruned, loaded, batch, embeds, length, out, warmup, repeats)
+        label = "onnxruntime (CPU)"
     full = prefill_flops((n,) * layers, d, m)
-    full_text = prefill_flops((n,) * layers, d, m, text_tokens=max_text_tokens)
+    full_text = prefill_flops((n,) * layers, d, m, text_tokens=text_tokens)
     settings = [("none", n)] + [(name, b) for name in methods if name != "none" for b in budgets if b <= n]
     rows = []
     for i, (name, budget) in enumerate(settings):
@@ -180,7 +200,7 @@ def run(model: str = "llava-ov-0.5b", methods=METHODS, budgets=BUDGETS, repeats:
                      "prefill_median_ms": statistics.median(walls) * 1e3,
                      "selection_median_ms": statistics.median(selections) * 1e3 if method else 0.0,
                      "flops": flops, "ideal_speedup": full / flops,
-                     "ideal_speedup_with_text": full_text / prefill_flops(tokens, d, m, text_tokens=max_text_tokens)})
+                     "ideal_speedup_with_text": full_text / prefill_flops(tokens, d, m, text_tokens=text_tokens)})
         progress(f"[{i + 1}/{len(settings)}] {name} {budget}: prefill {rows[-1]['prefill_median_ms']:.1f} ms")
     base = rows[0]["prefill_median_ms"]
     for row in rows:
@@ -193,7 +213,8 @@ def run(model: str = "llava-ov-0.5b", methods=METHODS, budgets=BUDGETS, repeats:
     if target_device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(target_device)
     report = {"model": loaded.spec.name, "source": loaded.source, "grid": loaded.spec.grid_name, "n_visual": n,
-              "prompt_capacity": length, "backend": label, "repeats": repeats, "warmup": warmup,
+              "prompt_capacity": length, "text_tokens": text_tokens, "backend": label, "repeats": repeats,
+              "warmup": warmup,
               "machine": machine, "rows": rows}
     target = out / f"{loaded.spec.name}-{loaded.spec.grid_name}-{backend}"
     with staged_directory(target) as staging:
@@ -209,7 +230,7 @@ def markdown(report: dict) -> str:
              f"prompt capacity {report['prompt_capacity']}; {report['backend']}, median of {report['repeats']} after "
              f"{report['warmup']} warm-up", "",
              "| method | budget | tokens per layer | prefill ms | selection ms | measured speedup | FLOP-ideal | "
-             "measured / ideal | ideal with text slots | selection share |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "measured / ideal | ideal with the text tokens | selection share |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if r["note"]:
             lines.append(f"| {r['method']} | {r['budget']} | not run: {r['note']} | | | | | | | |")
