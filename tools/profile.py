@@ -115,7 +115,9 @@ def _one_run(pipeline, image, prompt: str, new_tokens: int) -> dict:
         selection = selection_seconds()
         pre = pipeline.prefill(batch)
         t["selection"] = selection_seconds() - selection
-        (t["vision"],), (t["prefill"],) = times.seconds("vision"), times.seconds("prefill")
+        (t["vision"],) = times.seconds("vision")
+        decoder = {g.name for g in pipeline.manifest.graphs if g.kind in ("segment", "select")}
+        t["prefill"] = sum(s for graph, s in times.runs if graph in decoder)   # every segment and select
         sampler = Sampler()
         sampler.core().sample(pre.logits)                # the first token
         t["ttft"] = time.perf_counter() - start
@@ -124,9 +126,9 @@ def _one_run(pipeline, image, prompt: str, new_tokens: int) -> dict:
         t["end_to_end"] = time.perf_counter() - start
     finally:
         pipeline.observe(None)
-    # a decode step is its token's embedding, then the decode graph
-    steps = times.runs[prompt_runs:]
-    t["decode_steps"] = [embed + decode for (_, embed), (_, decode) in zip(steps[0::2], steps[1::2])]
+    # a decode step is its token's embedding, then every segment
+    steps, per_step = times.runs[prompt_runs:], 1 + len(pipeline.manifest.segments())
+    t["decode_steps"] = [sum(s for _, s in steps[i:i + per_step]) for i in range(0, len(steps), per_step)]
     return t
 
 
