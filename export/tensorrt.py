@@ -6,6 +6,11 @@ rest (backend choice, version checks, profiles) is plain Python that the tests e
 (build/plugins/libiwp_trt_plugins.so, `make plugins TENSORRT_ROOT=...`) is loaded before parsing, so the
 parser maps iwp::VisualTokenSelect to it.
 
+A plan has one optimization profile per way its graph runs (`profiles`, recorded in the manifest): a segment's
+PREFILL profile takes the prompt's real length, its DECODE profile one token; embed one range from a decode
+token to the longest prompt; a select its stage's prompt; vision none, being static. The ranges follow from
+the manifest's limits (`token_ranges`), the shapes from the graph's own inputs.
+
 Engines are strongly typed: the FP16 ONNX already carries its types. TensorRT 10.x needs the
 STRONGLY_TYPED network flag for that; 11.x builds strongly typed networks by default and has no weak-typing
 FP16 flag, so the flag is set only below 11.
@@ -15,13 +20,18 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
+from iwp.engine_format import KINDS, REBUILD, GraphInfo
+
 PLUGIN_LIBRARY = "libiwp_trt_plugins.so"
 BACKENDS = ("onnxruntime", "tensorrt", "auto")
 REBUILD_PLUGIN = "rebuild it with `make plugins TENSORRT_ROOT=<your TensorRT>`"
+TOKENS = "tokens"          # the one dynamic dimension of every graph (export/graphs.py name_dims)
+PREFILL, DECODE = 0, 1     # a segment's optimization profiles: the prompt, then one decode token
 
 
 def unavailable_reason() -> str | None:
@@ -93,17 +103,79 @@ def load_plugin(installed: str) -> tuple[Path, str]:
     return path, info
 
 
-def profile_shapes(model: onnx.ModelProto, max_prompt: int) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) for every input with a symbolic dimension: the export's static shapes leave only the
-    embedding graph's token count free, from 1 (a decode step) to the prompt capacity."""
-    shapes = {}
+@dataclass(frozen=True)
+class Limits:
+    """What every graph's token count follows from: manifest.json's shapes.max_prompt, model.n_visual and
+    method.tokens_per_layer (export/engine.py passes them as a dict)."""
+    max_prompt: int
+    n_visual: int
+    tokens_per_layer: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens_per_layer", tuple(self.tokens_per_layer))
+
+
+def token_ranges(graph: GraphInfo, limits: Limits) -> tuple[tuple[int, int, int], ...]:
+    """(min, opt, max) of T per optimization profile, in profile order. opt is the most a profile takes: the
+    tactics TensorRT picks there serve every shorter prompt.
+
+    embed:   1 (a decode token) to the longest prompt.
+    vision:  none: every shape is static.
+    segment: PREFILL, 1 to the prompt's tokens entering its first layer (the pruned ones gone); DECODE, one token.
+    select:  the prompt's tokens entering its stage: the visual tokens still alive and at least one text token.
+    """
+    text = limits.max_prompt - limits.n_visual         # prompt tokens beside the image, at most
+    if graph.kind == "embed":
+        return ((1, limits.max_prompt, limits.max_prompt),)
+    if graph.kind == "vision":
+        return ()
+    if graph.kind == "segment":
+        most = text + limits.tokens_per_layer[graph.layers[0]]
+        return ((1, most, most), (1, 1, 1))
+    if graph.kind == "select":
+        alive = limits.tokens_per_layer[graph.layer - 1] if graph.layer else limits.n_visual
+        return ((alive + 1, text + alive, text + alive),)
+    raise ValueError(f"graph {graph.name} is of kind {graph.kind!r}, not one of {', '.join(KINDS)}; {REBUILD}")
+
+
+def profiles(model: onnx.ModelProto, graph: GraphInfo, limits: Limits) -> tuple[dict[str, tuple], ...]:
+    """Per optimization profile, (min, opt, max) of every input of `model` with a dynamic dimension, T put for
+    the one dimension the exporter names `tokens`. Static inputs (the caches at their capacity, the token table,
+    the query indices) take no range; a graph with none has no profile."""
+    dynamic = {}
     for value in model.graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        if None in dims:
-            low = tuple(1 if d is None else d for d in dims)
-            high = tuple(max_prompt if d is None else d for d in dims)
-            shapes[value.name] = (low, high, high)
-    return shapes
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+        for dim in dims:
+            if isinstance(dim, str) and dim != TOKENS:
+                raise ValueError(f"{graph.name}.onnx input {value.name} has dimension {dim!r}, not {TOKENS!r} (a graph "
+                                 f"from another exporter); {REBUILD}")
+        if TOKENS in dims:
+            dynamic[value.name] = dims
+    ranges = token_ranges(graph, limits)
+    if dynamic and not ranges:
+        raise ValueError(f"{graph.name}.onnx has dynamic inputs ({', '.join(dynamic)}) but a {graph.kind} graph is "
+                         f"static; {REBUILD}")
+    if not dynamic:
+        return ()
+    return tuple({name: tuple(tuple(t if d == TOKENS else d for d in dims) for t in span)
+                  for name, dims in dynamic.items()} for span in ranges)
+
+
+def plan_profiles(directory: Path, graph: GraphInfo, limits: Limits) -> tuple[dict[str, tuple], ...]:
+    """`profiles` of `directory/<graph>.onnx`, read without its weights."""
+    return profiles(onnx.load(directory / f"{graph.name}.onnx", load_external_data=False), graph, limits)
+
+
+def polygraphy_profiles(shapes: tuple[dict[str, tuple], ...]) -> list:
+    """The builder's profiles (polygraphy's Profile needs no TensorRT to be made)."""
+    from polygraphy.backend.trt import Profile
+    out = []
+    for profile in shapes:
+        made = Profile()
+        for name, (low, opt, high) in profile.items():
+            made.add(name, min=low, opt=opt, max=high)
+        out.append(made)
+    return out
 
 
 def strongly_typed_flag(version: str) -> bool:
@@ -119,33 +191,42 @@ def workspace_limit(trt, gigabytes: float | None) -> dict | None:
     return {trt.MemoryPoolType.WORKSPACE: int(gigabytes * (1 << 30))}
 
 
-def build_plans(directory: Path, graphs, max_prompt: int, progress=print, workspace_gb: float | None = None) -> dict:
-    """Build `<graph>.plan` beside each `<graph>.onnx` in `directory`; returns the manifest's tensorrt entry."""
+def build_plans(directory: Path, graphs, limits, progress=print, workspace_gb: float | None = None) -> dict:
+    """Build `<graph>.plan` beside each `<graph>.onnx` in `directory` (`graphs`: the manifest's GraphInfo list,
+    `limits`: Limits or its fields as a dict); returns the manifest's tensorrt entry. Each plan holds its own
+    graph's weights only; the token table stays an input (token_table.bin), so it is stored once."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"BACKEND=tensorrt needs TensorRT, but {reason}; install TensorRT (JetPack 6 ships 10.3) "
+                         "or use BACKEND=onnxruntime")
     import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
 
+    limits = limits if isinstance(limits, Limits) else Limits(**limits)
     path, info = load_plugin(trt.__version__)
     strongly = strongly_typed_flag(trt.__version__)
     pools = workspace_limit(trt, workspace_gb)
     plans = {}
-    for name in graphs:
-        source = directory / f"{name}.onnx"
-        shapes = profile_shapes(onnx.load(source, load_external_data=False), max_prompt)
-        profile = Profile()
-        for input_name, (low, opt, high) in shapes.items():
-            profile.add(input_name, min=low, opt=opt, max=high)
-        progress(f"building TensorRT engine {name}.plan (TensorRT {trt.__version__}) ...")
+    for graph in graphs:
+        source = directory / f"{graph.name}.onnx"
+        shapes = plan_profiles(directory, graph, limits)
+        progress(f"building TensorRT engine {graph.name}.plan ({len(shapes)} profiles, TensorRT {trt.__version__}) ...")
         try:
             network = NetworkFromOnnxPath(str(source), strongly_typed=strongly or None)
-            config = CreateConfig(profiles=[profile] if shapes else None, memory_pool_limits=pools)
+            config = CreateConfig(profiles=polygraphy_profiles(shapes) or None, memory_pool_limits=pools)
             plan = EngineBytesFromNetwork(network, config)()
-        except Exception as error:
+        except Exception as error:  # polygraphy and TensorRT raise many types; the parser's log says why
             raise ValueError(f"TensorRT could not build {source.name} ({str(error).splitlines()[0]}); "
-                               "the parser's or the plugin's reason is printed above") from None
-        (directory / f"{name}.plan").write_bytes(plan)
-        plans[name] = {"file": f"{name}.plan", "profile": {k: [list(s) for s in v] for k, v in shapes.items()}}
+                             "the parser's or the plugin's reason is printed above") from None
+        (directory / f"{graph.name}.plan").write_bytes(plan)
+        plans[graph.name] = {"file": f"{graph.name}.plan", "profiles": plan_entry(shapes)}
     return {"version": trt.__version__, "plugin": info, "plugin_library": str(path),
             "strongly_typed_flag": strongly, "plans": plans}
+
+
+def plan_entry(shapes: tuple[dict[str, tuple], ...]) -> list[dict]:
+    """A plan's profiles as manifest.json records them (engine_format.Plan.profiles)."""
+    return [{name: [list(s) for s in span] for name, span in profile.items()} for profile in shapes]
 
 
 def check_plans(tensorrt, installed: str) -> None:
