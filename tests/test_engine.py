@@ -316,33 +316,46 @@ def test_arena_is_sized_from_the_manifest(pipeline):
         arena.key(0, m.model.n_layers)
 
 
-def test_core_reads_the_manifest_and_pads_prompts_as_python_does(pipeline, built):
-    """The C++ manifest reader and prefill inputs (what a C++ app uses) against the Python pipeline's own."""
+def test_core_reads_the_manifest_and_prepares_prompts_as_python_does(pipeline, built):
+    """The C++ manifest reader and prefill inputs (what a C++ app uses) against the Python pipeline's own: the
+    graphs and the io section, and the unpadded prompt's first segment and select inputs element by element."""
     from iwp.engine_format import FORMAT, ROLES
     from iwp.runtime import _core
+    from iwp.runtime.prompt import prefill_arrays
     assert _core.MANIFEST_FORMAT == FORMAT
     assert _core.role_table() == ROLES
     core, m = _core.read_manifest(str(built)), pipeline.manifest
-    assert (core.n_visual, core.max_prompt, core.cache_len, core.prefill_len, core.stages) == (
-        m.model.n_visual, m.shapes.max_prompt, list(m.shapes.cache_len), list(m.shapes.prefill_len), 1)
+    assert (core.n_visual, core.max_prompt, core.cache_len, core.tokens_per_layer, core.stages) == (
+        m.model.n_visual, m.shapes.max_prompt, m.shapes.cache_len, m.method.tokens_per_layer, m.method.stages)
     assert (core.image_token, core.eos_token, core.pad_token, core.dtype) == (
         m.tokens.image, m.tokens.eos, m.tokens.pad, "fp32")
+    assert [(g.name, g.kind, g.layers, g.stage, g.layer) for g in core.graphs] == [
+        (g.name, g.kind, g.layers, g.stage, g.layer) for g in m.graphs]
+    assert (core.token_table.file, core.token_table.shape, core.token_table.tied) == (
+        m.token_table.file, m.token_table.shape, m.token_table.tied)
     for graph, io in m.io.items():   # the same io section, tensor for tensor
         for kind in ("inputs", "outputs"):
             assert [(t.name, tuple(t.shape), t.dtype, t.role, t.layer, t.stage) for t in getattr(core.io[graph], kind)] \
                 == [(t.name, t.shape, t.dtype, t.role, t.layer, t.stage) for t in getattr(io, kind)], (graph, kind)
     for prompt in ("hi", "What colour is the largest shape on the left?"):
         batch = pipeline.prepare(demo_image(0), prompt)
-        ids = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()      # the processor's unpadded ids
-        inputs = _core.prefill_inputs(ids, core)
+        assert bool(batch.attention_mask.all())                              # the prompt's own length
+        inputs = _core.prefill_inputs(batch.input_ids[0].tolist(), core)
         assert np.array_equal(inputs["token_ids"], batch.input_ids.numpy())
-        for role in ("attention_mask", "positions", "visual_start", "query_idx", "query_mask", "last_idx"):
-            assert np.array_equal(inputs[role], getattr(batch, role).numpy()), role
-        assert inputs["next_position"] == int(batch.positions[0, -1]) + 1
+        expected = prefill_arrays(batch, embeds=None)
+        for role in expected.keys() - {"hidden"}:
+            assert inputs[role].dtype == expected[role].dtype and inputs[role].shape == expected[role].shape, role
+            assert np.array_equal(inputs[role], expected[role]), role
+        prompt_len = batch.input_ids.shape[1]
+        assert inputs["prompt_len"] == prompt_len and inputs["next_position"] == int(batch.positions[0, -1]) + 1
+        assert [core.segment_prefill_len(s, prompt_len) for s in core.segments()] == [
+            m.segment_prefill_len(s, prompt_len) for s in m.segments()]
     with pytest.raises(ValueError, match="capacity is 432"):
         _core.prefill_inputs([m.tokens.image] * 433, core)
     with pytest.raises(ValueError, match="expects 336"):
         _core.prefill_inputs([1, 2, 3], core)
+    with pytest.raises(ValueError, match="no text follows the image"):
+        _core.prefill_inputs([1] + [m.tokens.image] * 336, core)
     with pytest.raises(RuntimeError, match="no readable manifest.json"):
         _core.read_manifest("/nonexistent")
 
@@ -369,7 +382,8 @@ def test_two_processes_building_the_same_engine_leave_it_intact(tmp_path):
 
 
 def test_prepare_writes_the_cpp_apps_inputs(built, pipeline, tmp_path):
-    """`iwp prepare`: unpadded ids the C++ core pads to the pipeline's own batch, and the raw pixel values."""
+    """`iwp prepare`: the prompt's own ids, from which the C++ core builds the pipeline's own unpadded inputs,
+    and the raw pixel values."""
     from iwp.tools.cli import main
     from iwp.runtime import _core
     image = tmp_path / "scene.png"
@@ -378,7 +392,9 @@ def test_prepare_writes_the_cpp_apps_inputs(built, pipeline, tmp_path):
           "--out", str(tmp_path / "p")])
     ids = [int(x) for x in (tmp_path / "p.ids").read_text().split()]
     batch = pipeline.prepare(str(image), "What is here?")
-    padded = _core.prefill_inputs(ids, _core.read_manifest(str(built)))["token_ids"]
-    assert np.array_equal(padded, batch.input_ids.numpy())
+    assert ids == batch.input_ids[0].tolist()
+    inputs = _core.prefill_inputs(ids, _core.read_manifest(str(built)))
+    for role in ("token_ids", "positions", "query_idx", "query_mask"):
+        assert np.array_equal(inputs[role], getattr(batch, "input_ids" if role == "token_ids" else role).numpy()), role
     pixels = np.frombuffer((tmp_path / "p.pixels").read_bytes(), dtype=np.float32)
     assert np.array_equal(pixels, batch.pixel_values.numpy().reshape(-1))

@@ -102,7 +102,7 @@ py::list shapeOf(TensorSpec const& t)
 PYBIND11_MODULE(_core, m)
 {
     using namespace iwp;
-    m.doc() = "iwp's runtime core: the KV arena, the samplers, the decode loop and the engine manifest";
+    m.doc() = "iwp's runtime core: the KV arena, the samplers, the decode loop and the engine manifest (format 4)";
     m.attr("MANIFEST_FORMAT") = kManifestFormat;
     m.def(
         "role_table",
@@ -113,11 +113,11 @@ PYBIND11_MODULE(_core, m)
                 py::dict sides;
                 sides["inputs"] = py::tuple(py::cast(roles.inputs));
                 sides["outputs"] = py::tuple(py::cast(roles.outputs));
-                table[py::str(roles.graph)] = sides;
+                table[py::str(roles.kind)] = sides;
             }
             return table;
         },
-        "The C++ role vocabulary: {graph: {'inputs': roles, 'outputs': roles}} in the format's graph order.");
+        "The C++ role vocabulary: {kind: {'inputs': roles, 'outputs': roles}} in KINDS order.");
 
     py::class_<TensorSpec>(m, "TensorSpec")
         .def_readonly("name", &TensorSpec::name)
@@ -134,55 +134,111 @@ PYBIND11_MODULE(_core, m)
     py::class_<GraphIO>(m, "GraphIO")
         .def_readonly("inputs", &GraphIO::inputs)
         .def_readonly("outputs", &GraphIO::outputs);
+    // The attributes Python's GraphInfo, TokenTable and WeightCopy have, with the same values (None where unset).
+    py::class_<GraphInfo>(m, "GraphInfo")
+        .def_readonly("name", &GraphInfo::name)
+        .def_readonly("kind", &GraphInfo::kind)
+        .def_property_readonly("layers",
+            [](GraphInfo const& g) { return g.first < 0 ? py::object(py::none()) : py::object(py::make_tuple(g.first, g.end)); })
+        .def_property_readonly("stage", [](GraphInfo const& g) { return optionalIndex(g.stage); })
+        .def_property_readonly("layer", [](GraphInfo const& g) { return optionalIndex(g.layer); })
+        .def("__repr__", [](GraphInfo const& g) { return "GraphInfo(" + g.name + ", " + g.kind + ")"; });
+    py::class_<TokenTable>(m, "TokenTable")
+        .def_readonly("file", &TokenTable::file)
+        .def_property_readonly("shape", [](TokenTable const& t) { return py::make_tuple(t.vocab, t.hidden); })
+        .def_readonly("dtype", &TokenTable::dtype)
+        .def_readonly("tied", &TokenTable::tied);
+    py::class_<WeightCopy>(m, "WeightCopy")
+        .def_readonly("graph", &WeightCopy::graph)
+        .def_readonly("what", &WeightCopy::what)
+        .def_readonly("bytes", &WeightCopy::bytes);
+    py::class_<Weights>(m, "Weights")
+        .def_readonly("distinct_bytes", &Weights::distinctBytes)
+        .def_readonly("stored_bytes", &Weights::storedBytes)
+        .def_readonly("copies", &Weights::copies);
 
+    auto side = [](std::string const& kind) {
+        if (kind != "inputs" && kind != "outputs")
+        {
+            throw py::value_error("side must be 'inputs' or 'outputs', got " + std::string(py::repr(py::str(kind))));
+        }
+        return kind == "outputs";
+    };
     py::class_<EngineManifest>(m, "EngineManifest")
         .def_readonly("directory", &EngineManifest::directory)
         .def_readonly("model", &EngineManifest::model)
         .def_readonly("method", &EngineManifest::method)
         .def_readonly("dtype", &EngineManifest::dtype)
+        .def_readonly("select", &EngineManifest::select)
+        .def_readonly("backend", &EngineManifest::backend)
+        .def_property_readonly("resolution", [](EngineManifest const& e) { return py::make_tuple(e.height, e.width); })
         .def_readonly("n_layers", &EngineManifest::nLayers)
         .def_readonly("n_kv_heads", &EngineManifest::nKvHeads)
         .def_readonly("head_dim", &EngineManifest::headDim)
         .def_readonly("hidden_size", &EngineManifest::hiddenSize)
         .def_readonly("vocab_size", &EngineManifest::vocabSize)
         .def_readonly("n_visual", &EngineManifest::nVisual)
+        .def_readonly("budget", &EngineManifest::budget)
+        .def_property_readonly("stages",
+            [](EngineManifest const& e) {
+                py::list stages; // ((layer, tokens kept), ...) as method.stages
+                for (Stage const& s : e.stages)
+                {
+                    stages.append(py::make_tuple(s.layer, s.tokens));
+                }
+                return py::tuple(stages);
+            })
+        .def_property_readonly("tokens_per_layer", [](EngineManifest const& e) { return py::tuple(py::cast(e.tokensPerLayer)); })
+        .def_readonly("batch", &EngineManifest::batch)
         .def_readonly("max_prompt", &EngineManifest::maxPrompt)
+        .def_readonly("max_text_tokens", &EngineManifest::maxTextTokens)
         .def_readonly("max_new_tokens", &EngineManifest::maxNewTokens)
-        .def_readonly("prefill_len", &EngineManifest::prefillLen)
-        .def_readonly("cache_len", &EngineManifest::cacheLen)
-        .def_readonly("stages", &EngineManifest::stages)
+        .def_property_readonly("cache_len", [](EngineManifest const& e) { return py::tuple(py::cast(e.cacheLen)); })
         .def_readonly("image_token", &EngineManifest::imageToken)
         .def_readonly("eos_token", &EngineManifest::eosToken)
         .def_readonly("pad_token", &EngineManifest::padToken)
+        .def_readonly("files", &EngineManifest::files)
+        .def_property_readonly("graphs", [](EngineManifest const& e) { return py::tuple(py::cast(e.graphs)); })
+        .def_readonly("token_table", &EngineManifest::tokenTable)
+        .def_readonly("weights", &EngineManifest::weights)
         .def_property_readonly(
             "io",
             [](py::object self) {
-                py::dict io; // in the format's graph order, as the Python reader has it
-                for (RoleSet const& roles : roleTable())
+                py::dict io; // in run order, as the exporter writes the section
+                auto const& e = self.cast<EngineManifest const&>();
+                for (GraphInfo const& g : e.graphs)
                 {
-                    io[py::str(roles.graph)] = py::cast(self.cast<EngineManifest const&>().io.at(roles.graph),
-                        py::return_value_policy::reference_internal, self);
+                    io[py::str(g.name)] = py::cast(e.io.at(g.name), py::return_value_policy::reference_internal, self);
                 }
                 return io;
             },
             "{graph: GraphIO}: every graph's inputs and outputs, in the graph's own order")
+        .def("graph", &EngineManifest::graph, py::arg("name"), py::return_value_policy::reference_internal)
+        .def("segments", [](EngineManifest const& e) { return py::tuple(py::cast(e.segments())); })
+        .def("selects", [](EngineManifest const& e) { return py::tuple(py::cast(e.selects())); })
+        .def("segment_prefill_len", &EngineManifest::segmentPrefillLen, py::arg("segment"), py::arg("prompt_len"),
+            "The tokens a segment runs in the prefill of a prompt of `prompt_len` tokens (its caches' fill).")
         .def(
             "find",
-            [](EngineManifest const& self, std::string const& graph, std::string const& side, std::string const& role,
-                std::optional<int64_t> layer, std::optional<int64_t> stage) -> TensorSpec const& {
-                if (side != "inputs" && side != "outputs")
-                {
-                    throw py::value_error("side must be 'inputs' or 'outputs', got " + std::string(py::repr(py::str(side))));
-                }
+            [side](EngineManifest const& self, std::string const& graph, std::string const& kind,
+                std::string const& role, std::optional<int64_t> layer,
+                std::optional<int64_t> stage) -> TensorSpec const& {
+                bool const output = side(kind);
                 if (layer.value_or(0) < 0 || stage.value_or(0) < 0) // -1 is C++'s "none": not a layer to ask for
                 {
                     throw py::value_error("layer and stage are None or >= 0");
                 }
-                return self.find(graph, side == "outputs", role, layer.value_or(-1), stage.value_or(-1));
+                return self.find(graph, output, role, layer.value_or(-1), stage.value_or(-1));
             },
-            py::arg("graph"), py::arg("side"), py::arg("role"), py::arg("layer") = py::none(),
+            py::arg("graph"), py::arg("kind"), py::arg("role"), py::arg("layer") = py::none(),
             py::arg("stage") = py::none(), py::return_value_policy::reference_internal,
-            "The tensor of `graph` with this role (layer for the caches, stage for kept); RuntimeError if absent.");
+            "The tensor of `graph` with this role (layer for the caches, stage for kept); RuntimeError if absent.")
+        .def(
+            "caches",
+            [side](EngineManifest const& self, std::string const& graph, std::string const& kind) {
+                return self.caches(graph, side(kind));
+            },
+            py::arg("graph"), py::arg("kind"), "The cache tensors of `graph`, layer by layer: key, value, valid.");
     m.def("read_manifest", &readManifest, py::arg("directory"), "An engine directory's manifest.json, read in C++.");
     m.def("parse_manifest", &parseManifest, py::arg("text"), py::arg("directory"),
         "A manifest's text, read as read_manifest reads DIR/manifest.json (`directory` names it in errors).");
@@ -196,20 +252,22 @@ PYBIND11_MODULE(_core, m)
                 std::copy(values.begin(), values.end(), out.mutable_data());
                 return out;
             };
-            py::dict d;
-            d[role::kTokenIds] = row(in.inputIds); // the embed graph's input; the rest are the prefill's
-            d[role::kAttentionMask] = row(in.attentionMask);
+            py::dict d; // as runtime/prompt.py's prefill_arrays, less the hidden states
+            d[role::kTokenIds] = row(in.tokenIds);
             d[role::kPositions] = row(in.positions);
+            d[role::kOffset] = py::array_t<int64_t>(std::vector<py::ssize_t>{}, &in.offset);
             d[role::kVisualStart] = py::array_t<int64_t>(1, &in.visualStart);
             d[role::kQueryIdx] = row(in.queryIdx);
             d[role::kQueryMask] = row(in.queryMask).attr("astype")("bool");
             d[role::kLastIdx] = py::array_t<int64_t>(1, &in.lastIdx);
+            d["prompt_len"] = in.promptLen;
             d["next_position"] = in.nextPosition;
             return d;
         },
         py::arg("ids"), py::arg("manifest"),
-        "One prompt's token ids (image tokens expanded), left-padded in C++: a dict by role (token_ids for the "
-        "embed graph, the prefill's input roles), plus next_position.");
+        "One prompt's token ids (image tokens expanded), unpadded, in C++: a dict by role (token_ids for the "
+        "embed graph; positions, offset, visual_start, query_idx, query_mask, last_idx for the first segment "
+        "and select), plus prompt_len and next_position.");
 
     py::class_<KvArena>(m, "KvArena")
         .def(py::init([](std::vector<int64_t> capacities, int64_t kvHeads, int64_t headDim, size_t elementBytes) {
