@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -14,30 +15,8 @@ namespace
 {
 std::string const kRebuildPlans = "build it with `make engine BACKEND=tensorrt`";
 
-void check(cudaError_t status, char const* what)
-{
-    if (status != cudaSuccess)
-    {
-        throw std::runtime_error(std::string("CUDA: ") + what + " failed: " + cudaGetErrorString(status));
-    }
-}
-
-size_t elementSize(nvinfer1::DataType type)
-{
-    switch (type)
-    {
-    case nvinfer1::DataType::kFLOAT:
-    case nvinfer1::DataType::kINT32: return 4;
-    case nvinfer1::DataType::kHALF:
-    case nvinfer1::DataType::kBF16: return 2;
-    case nvinfer1::DataType::kINT64: return 8;
-    case nvinfer1::DataType::kBOOL:
-    case nvinfer1::DataType::kINT8:
-    case nvinfer1::DataType::kUINT8:
-    case nvinfer1::DataType::kFP8: return 1;
-    default: throw std::runtime_error("TensorRT: a tensor of a data type this runtime does not bind");
-    }
-}
+using trt::check;
+using trt::readFile;
 
 float halfToFloat(uint16_t h)
 {
@@ -75,14 +54,40 @@ float halfToFloat(uint16_t h)
     return value;
 }
 
-std::vector<char> readFile(std::string const& path)
+// `out.size()` values of float32 or float16 `data` as float.
+void toFloat(void const* data, bool half, std::vector<float>& out)
 {
-    std::ifstream file(path, std::ios::binary);
-    if (!file)
+    if (!half)
     {
-        throw std::runtime_error("cannot read " + path);
+        std::memcpy(out.data(), data, out.size() * sizeof(float));
+        return;
     }
-    return std::vector<char>(std::istreambuf_iterator<char>(file), {});
+    for (size_t i = 0; i < out.size(); ++i)
+    {
+        uint16_t bits;
+        std::memcpy(&bits, static_cast<char const*>(data) + 2 * i, 2);
+        out[i] = halfToFloat(bits);
+    }
+}
+
+// The dtype this runtime writes for an input role it feeds from the host (PrefillInputs, the decode scalars),
+// or nullptr for one a graph before it gives.
+char const* hostDtype(std::string const& name)
+{
+    for (char const* fed : {role::kTokenIds, role::kPositions, role::kOffset, role::kVisualStart, role::kQueryIdx,
+             role::kLastIdx})
+    {
+        if (name == fed)
+        {
+            return "int64";
+        }
+    }
+    return name == role::kQueryMask ? "bool" : nullptr;
+}
+
+bool isCache(std::string const& name)
+{
+    return name == role::kKey || name == role::kValue || name == role::kValid;
 }
 
 // Loads the plugin library into the process: its creators register with TensorRT's global registry when it
@@ -123,201 +128,20 @@ public:
     }
 };
 
-DeviceBuffer::DeviceBuffer(size_t bytes)
-    : mBytes(bytes)
-{
-    check(cudaMalloc(&mData, bytes == 0 ? 1 : bytes), "cudaMalloc");
-}
-
-DeviceBuffer::~DeviceBuffer()
-{
-    if (mData != nullptr)
-    {
-        cudaFree(mData);
-    }
-}
-
-DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
-    : mData(other.mData)
-    , mBytes(other.mBytes)
-{
-    other.mData = nullptr;
-    other.mBytes = 0;
-}
-
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept
-{
-    std::swap(mData, other.mData);
-    std::swap(mBytes, other.mBytes);
-    return *this;
-}
-
-Allocator deviceAllocator()
-{
-    return Allocator{[](size_t bytes) {
-                         void* p = nullptr;
-                         return cudaMalloc(&p, bytes) == cudaSuccess ? p : nullptr;
-                     },
-        [](void* p) { cudaFree(p); }, [](void* p, size_t bytes) { check(cudaMemset(p, 0, bytes), "cudaMemset"); }};
-}
-
-TrtGraph::TrtGraph(nvinfer1::IRuntime& runtime, std::string const& path, std::string const& rebuildHint)
-    : mPath(path)
-    , mHint(rebuildHint)
-{
-    std::vector<char> const plan = readFile(path);
-    mEngine = std::shared_ptr<nvinfer1::ICudaEngine>(runtime.deserializeCudaEngine(plan.data(), plan.size()));
-    if (!mEngine)
-    {
-        throw std::runtime_error(path + " does not deserialize (another TensorRT version or GPU?); " + mHint);
-    }
-    mContext.reset(mEngine->createExecutionContext());
-    if (!mContext)
-    {
-        throw std::runtime_error(path + ": no execution context (out of device memory?)");
-    }
-}
-
-TrtGraph::TrtGraph(TrtGraph const& other)
-    : mPath(other.mPath)
-    , mHint(other.mHint)
-    , mEngine(other.mEngine)
-    , mContext(other.mEngine->createExecutionContext())
-{
-    if (!mContext)
-    {
-        throw std::runtime_error(mPath + ": no second execution context (out of device memory?)");
-    }
-}
-
-void TrtGraph::matchManifest(GraphIO const& io, std::string const& graph, std::string const& directory) const
-{
-    // a plan swapped for another graph, or built from another export, is refused here, not at enqueue
-    std::string const mismatch = "engine " + directory + ": " + mPath + " is not the " + graph + " graph of this engine";
-    size_t const recorded = io.inputs.size() + io.outputs.size();
-    if (static_cast<size_t>(mEngine->getNbIOTensors()) != recorded)
-    {
-        throw std::runtime_error(mismatch + " (" + std::to_string(mEngine->getNbIOTensors()) + " tensors, the manifest records "
-            + std::to_string(recorded) + "); " + mHint);
-    }
-    for (bool output : {false, true})
-    {
-        for (TensorSpec const& t : output ? io.outputs : io.inputs)
-        {
-            bool found = false;
-            for (int32_t i = 0; i < mEngine->getNbIOTensors() && !found; ++i)
-            {
-                found = t.name == mEngine->getIOTensorName(i);
-            }
-            nvinfer1::TensorIOMode const wanted = output ? nvinfer1::TensorIOMode::kOUTPUT : nvinfer1::TensorIOMode::kINPUT;
-            if (!found || mEngine->getTensorIOMode(t.name.c_str()) != wanted)
-            {
-                throw std::runtime_error(mismatch + " (no " + (output ? "output " : "input ") + t.name + "); " + mHint);
-            }
-        }
-    }
-}
-
-void TrtGraph::require(std::string const& name) const
-{
-    for (int32_t i = 0; i < mEngine->getNbIOTensors(); ++i)
-    {
-        if (name == mEngine->getIOTensorName(i))
-        {
-            return;
-        }
-    }
-    throw std::runtime_error(mPath + " has no tensor \"" + name + "\" (an engine from another iwp?); " + mHint);
-}
-
-void TrtGraph::bind(std::string const& name, void* data)
-{
-    require(name);
-    if (!mContext->setTensorAddress(name.c_str(), data))
-    {
-        throw std::runtime_error(mPath + ": cannot bind \"" + name + "\"");
-    }
-}
-
-void TrtGraph::setShape(std::string const& name, std::vector<int64_t> const& dims)
-{
-    require(name);
-    nvinfer1::Dims shape{};
-    shape.nbDims = static_cast<int32_t>(dims.size());
-    for (size_t i = 0; i < dims.size(); ++i)
-    {
-        shape.d[i] = dims[i];
-    }
-    if (!mContext->setInputShape(name.c_str(), shape))
-    {
-        throw std::runtime_error(mPath + ": \"" + name + "\" does not take this shape (outside its profile)");
-    }
-}
-
-nvinfer1::DataType TrtGraph::dataType(std::string const& name) const
-{
-    require(name);
-    return mEngine->getTensorDataType(name.c_str());
-}
-
-size_t TrtGraph::bytes(std::string const& name) const
-{
-    require(name);
-    nvinfer1::Dims const shape = mContext->getTensorShape(name.c_str());
-    size_t count = 1;
-    for (int32_t i = 0; i < shape.nbDims; ++i)
-    {
-        if (shape.d[i] < 0)
-        {
-            throw std::runtime_error(mPath + ": \"" + name + "\" has an unset dimension; set the input shapes first");
-        }
-        count *= static_cast<size_t>(shape.d[i]);
-    }
-    return count * elementSize(dataType(name));
-}
-
-void TrtGraph::enqueue(cudaStream_t stream)
-{
-    if (!mContext->enqueueV3(stream))
-    {
-        throw std::runtime_error(mPath + ": enqueueV3 failed (see TensorRT's message above)");
-    }
-}
-
 TrtEngine::TrtEngine(std::string const& directory, std::string const& pluginLibrary, bool cudaGraphs)
     : mManifest(readManifest(directory))
     , mCudaGraphs(cudaGraphs)
 {
-    std::string const hint = "rebuild the plans with `make engine BACKEND=tensorrt` on this machine";
-    for (char const* graph : {"embed", "vision", "prefill", "decode"})
-    {
-        if (!std::ifstream(directory + "/" + graph + ".plan"))
-        {
-            throw std::runtime_error("engine " + directory + " has no " + graph + ".plan (built for ONNX Runtime only); "
-                + kRebuildPlans);
-        }
-    }
     EngineManifest const& m = mManifest;
-    // Every tensor is bound by its role in the manifest's io section; the names are the exporter's.
-    auto input = [&](char const* graph, char const* role, char const* dtype = nullptr) {
-        TensorSpec const& t = m.find(graph, false, role);
-        if (dtype != nullptr && t.dtype != dtype) // the host side feeds this width; another is a stale engine
-        {
-            throw std::runtime_error("engine " + directory + ": " + graph + " input " + role + " is " + t.dtype + ", not the "
-                + dtype + " this runtime feeds; " + kRebuildPlans);
-        }
-        return t.name;
-    };
-    auto output = [&](char const* graph, char const* role, int64_t stage = -1) {
-        return m.find(graph, true, role, -1, stage).name;
-    };
-    for (int64_t layer = 0; layer < m.nLayers; ++layer)
+    std::string const hint = "rebuild the plans with `make engine BACKEND=tensorrt` on this machine";
+    for (GraphInfo const& graph : m.graphs)
     {
-        mPrefillPresent.push_back(cacheNames("prefill", true, layer));
-        mDecodePast.push_back(cacheNames("decode", false, layer));
-        mDecodePresent.push_back(cacheNames("decode", true, layer));
+        if (!std::ifstream(directory + "/" + graph.name + ".plan"))
+        {
+            throw std::runtime_error("engine " + directory + " has no " + graph.name + ".plan (built for ONNX Runtime "
+                + "only); " + kRebuildPlans);
+        }
     }
-
     mPlugin = loadPlugin(pluginLibrary);
     mLogger = std::make_unique<Logger>();
     mRuntime.reset(nvinfer1::createInferRuntime(*mLogger));
@@ -325,86 +149,207 @@ TrtEngine::TrtEngine(std::string const& directory, std::string const& pluginLibr
     {
         throw std::runtime_error("TensorRT: createInferRuntime failed");
     }
-    mEmbedPrompt = std::make_unique<TrtGraph>(*mRuntime, directory + "/embed.plan", hint);
-    mEmbedToken = std::make_unique<TrtGraph>(*mEmbedPrompt);
-    mVision = std::make_unique<TrtGraph>(*mRuntime, directory + "/vision.plan", hint);
-    mPrefill = std::make_unique<TrtGraph>(*mRuntime, directory + "/prefill.plan", hint);
-    mDecode[0] = std::make_unique<TrtGraph>(*mRuntime, directory + "/decode.plan", hint);
-    mDecode[1] = std::make_unique<TrtGraph>(*mDecode[0]); // one context per arena parity: fixed bindings
-    for (auto const& [graph, plan] : {std::pair<char const*, TrtGraph*>{"embed", mEmbedPrompt.get()},
-             {"vision", mVision.get()}, {"prefill", mPrefill.get()}, {"decode", mDecode[0].get()}})
-    {
-        plan->matchManifest(m.io.at(graph), graph, directory);
-    }
     check(cudaStreamCreateWithFlags(&mStream, cudaStreamNonBlocking), "cudaStreamCreate");
-    mArena = std::make_unique<KvArena>(mManifest.kvLayout(), deviceAllocator());
+    mArena = std::make_unique<KvArena>(m.kvLayout(), deviceAllocator());
+    loadTokenTable(directory);
 
-    mElement = m.dtype == "fp16" ? 2 : 4;
-    int64_t const queries = m.maxPrompt - m.nVisual;
-    std::string const tokenIds = input("embed", role::kTokenIds, "int64");
-    std::string const embeddings = output("embed", role::kEmbeddings);
-    mEmbedPrompt->setShape(tokenIds, {1, m.maxPrompt});
-    mEmbedToken->setShape(tokenIds, {1, 1});
-    mPromptIds = DeviceBuffer(8 * m.maxPrompt);
+    // embed: the prompt (its length set per prefill) and one token (decode), two contexts on its one profile
+    mEmbedPrompt = std::make_unique<TrtGraph>(*mRuntime, directory + "/" + kind::kEmbed + ".plan", hint);
+    mEmbedPrompt->matchManifest(m.io.at(kind::kEmbed), kind::kEmbed, directory);
+    mEmbedToken = std::make_unique<TrtGraph>(*mEmbedPrompt);
+    std::string const tokenIds = m.find(kind::kEmbed, false, role::kTokenIds).name;
+    std::string const table = m.find(kind::kEmbed, false, role::kTokenTable).name;
+    std::string const embeddings = m.find(kind::kEmbed, true, role::kEmbeddings).name;
+    if (m.find(kind::kEmbed, false, role::kTokenIds).dtype != hostDtype(role::kTokenIds))
+    {
+        throw std::runtime_error("engine " + directory + ": embed's token ids are not the int64 this runtime feeds; "
+            + kRebuildPlans);
+    }
+    mEmbedPrompt->setMaxShapes(kPrefillProfile);
+    mPromptIds = DeviceBuffer(mEmbedPrompt->bytes(tokenIds));
     mPromptEmbeds = DeviceBuffer(mEmbedPrompt->bytes(embeddings));
-    std::string const pixels = input("vision", role::kPixels);
-    std::string const features = output("vision", role::kFeatures);
+    mRowBytes = static_cast<size_t>(m.hiddenSize) * trt::elementSize(mEmbedPrompt->dataType(embeddings));
+    if (mPromptEmbeds.bytes() != static_cast<size_t>(m.maxPrompt) * mRowBytes)
+    {
+        throw std::runtime_error("engine " + directory + ": embed.plan's profile does not end at the prompt capacity "
+            + std::to_string(m.maxPrompt) + "; " + hint);
+    }
+    for (TrtGraph* embed : {mEmbedPrompt.get(), mEmbedToken.get()})
+    {
+        embed->bind(table, mTokenTable.get());
+    }
+    mEmbedPrompt->bind(tokenIds, mPromptIds.get());
+    mEmbedPrompt->bind(embeddings, mPromptEmbeds.get());
+
+    mVision = std::make_unique<TrtGraph>(*mRuntime, directory + "/" + kind::kVision + ".plan", hint);
+    mVision->matchManifest(m.io.at(kind::kVision), kind::kVision, directory);
+    std::string const pixels = m.find(kind::kVision, false, role::kPixels).name;
+    std::string const features = m.find(kind::kVision, true, role::kFeatures).name;
     mPixelBytes = mVision->bytes(pixels);
     mPixels = DeviceBuffer(mPixelBytes);
     mFeatures = DeviceBuffer(mVision->bytes(features));
-    mMask = DeviceBuffer(8 * m.maxPrompt);
+    if (mFeatures.bytes() != static_cast<size_t>(m.nVisual) * mRowBytes)
+    {
+        throw std::runtime_error("engine " + directory + ": the vision plan's features are not nVisual embedding rows; "
+            + hint);
+    }
+    mVision->bind(pixels, mPixels.get());
+    mVision->bind(features, mFeatures.get());
+
+    // the prefill's own inputs, at the prompt's capacity
+    int64_t const queries = m.maxPrompt - m.nVisual;
     mPositions = DeviceBuffer(8 * m.maxPrompt);
     mVisualStart = DeviceBuffer(8);
     mQueryIdx = DeviceBuffer(8 * queries);
     mQueryMask = DeviceBuffer(queries);
     mLastIdx = DeviceBuffer(8);
-    mPrefillLogitsName = output("prefill", role::kLogits);
-    mPrefillLogits = DeviceBuffer(mPrefill->bytes(mPrefillLogitsName));
-    mEmbedPrompt->bind(tokenIds, mPromptIds.get());
-    mEmbedPrompt->bind(embeddings, mPromptEmbeds.get());
-    mVision->bind(pixels, mPixels.get());
-    mVision->bind(features, mFeatures.get());
-    for (auto const& [name, buffer] : {std::pair<std::string, DeviceBuffer*>{input("prefill", role::kEmbeddings),
-             &mPromptEmbeds}, {input("prefill", role::kAttentionMask, "int64"), &mMask},
-             {input("prefill", role::kPositions, "int64"), &mPositions},
-             {input("prefill", role::kVisualStart, "int64"), &mVisualStart},
-             {input("prefill", role::kQueryIdx, "int64"), &mQueryIdx},
-             {input("prefill", role::kQueryMask, "bool"), &mQueryMask},
-             {input("prefill", role::kLastIdx, "int64"), &mLastIdx}, {mPrefillLogitsName, &mPrefillLogits}})
+    mZero = DeviceBuffer(8);
+    check(cudaMemset(mZero.get(), 0, 8), "cudaMemset");
+
+    for (size_t i = 2; i < m.graphs.size(); ++i)
     {
-        mPrefill->bind(name, buffer->get());
+        mChain.push_back(Link{});
+        mChain.back().info = m.graphs[i];
+        prepareLink(mChain.back(), directory, hint);
+        if (m.graphs[i].kind == kind::kSegment)
+        {
+            mSegments.push_back(mChain.size() - 1);
+        }
     }
-    for (int64_t s = 0; s < m.stages; ++s)
+    if (mSegments.empty())
     {
-        std::string const kept = output("prefill", role::kKept, s);
-        mKept.emplace_back(mPrefill->bytes(kept));
-        mPrefill->bind(kept, mKept.back().get());
+        throw std::runtime_error("engine " + directory + " has no segment graph; " + kRebuildPlans);
     }
 
-    mScalars = DeviceBuffer(3 * sizeof(int64_t));
-    check(cudaMallocHost(reinterpret_cast<void**>(&mHostScalars), 3 * sizeof(int64_t)), "cudaMallocHost");
-    auto* scalars = static_cast<int64_t*>(mScalars.get());
+    // decode: the token's embedding, then each segment over it; token, position and offsets in one pinned buffer
+    mEmbedToken->setShape(tokenIds, {1, 1});
+    size_t const nScalars = 2 + mSegments.size();
+    mScalars = DeviceBuffer(nScalars * sizeof(int64_t));
+    check(cudaMallocHost(reinterpret_cast<void**>(&mHostScalars), nScalars * sizeof(int64_t)), "cudaMallocHost");
+    std::fill(mHostScalars, mHostScalars + nScalars, 0);
     mTokenEmbed = DeviceBuffer(mEmbedToken->bytes(embeddings));
-    mEmbedToken->bind(tokenIds, scalars);
+    mEmbedToken->bind(tokenIds, mScalars.get());
     mEmbedToken->bind(embeddings, mTokenEmbed.get());
-    mDecodeEmbeddings = input("decode", role::kEmbeddings);
-    mDecodePosition = input("decode", role::kPosition, "int64");
-    mDecodeStep = input("decode", role::kStep, "int64");
-    mDecodeLogitsName = output("decode", role::kLogits);
-    mDecodeLogits = DeviceBuffer(mDecode[0]->bytes(mDecodeLogitsName));
-    mLogitsHalf = mDecode[0]->dataType(mDecodeLogitsName) == nvinfer1::DataType::kHALF;
-    check(cudaMallocHost(&mHostLogits, mDecodeLogits.bytes()), "cudaMallocHost");
-    mLogits.resize(vocab());
-    for (int past = 0; past < 2; ++past)
+    void* hidden = mTokenEmbed.get();
+    for (size_t j = 0; j < mSegments.size(); ++j)
     {
-        bindDecode(past);
+        Link& link = mChain[mSegments[j]];
+        bool const last = j + 1 == mSegments.size();
+        std::string const out = m.find(link.info.name, true, last ? role::kLogits : role::kHidden).name;
+        for (int past = 0; past < 2; ++past)
+        {
+            bindDecode(link, j, past, hidden);
+        }
+        hidden = link.decodeOutputs.at(out).get();
+        if (last)
+        {
+            mLogitsName = out;
+            mDecodeLogits = hidden;
+            mLogitsBytes = link.decodeOutputs.at(out).bytes();
+            mLogitsHalf = link.decode[0]->dataType(out) == nvinfer1::DataType::kHALF;
+        }
+    }
+    if (mLogitsBytes != vocab() * (mLogitsHalf ? 2 : 4))
+    {
+        throw std::runtime_error("engine " + directory + ": the last segment's logits are not [1, vocab]; " + hint);
+    }
+    check(cudaMallocHost(&mHostLogits, mLogitsBytes), "cudaMallocHost");
+    mLogits.resize(vocab());
+}
+
+void TrtEngine::loadTokenTable(std::string const& directory)
+{
+    TokenTable const& t = mManifest.tokenTable;
+    std::vector<char> const bytes = readFile(directory + "/" + t.file);
+    size_t const wanted = static_cast<size_t>(t.vocab * t.hidden) * (t.dtype == "float16" ? 2 : 4);
+    if (bytes.size() != wanted)
+    {
+        throw std::runtime_error("engine " + directory + ": " + t.file + " is " + std::to_string(bytes.size())
+            + " bytes, not the manifest's [" + std::to_string(t.vocab) + ", " + std::to_string(t.hidden) + "] "
+            + t.dtype + "; rebuild it with `make engine`");
+    }
+    mTokenTable = DeviceBuffer(bytes.size());
+    check(cudaMemcpy(mTokenTable.get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice), "upload the token table");
+}
+
+// A segment's or select's prefill context, its outputs allocated at the prefill profile's largest shapes, and a
+// segment's two decode contexts on its DECODE profile with their outputs at T = 1.
+void TrtEngine::prepareLink(Link& link, std::string const& directory, std::string const& hint)
+{
+    std::string const& name = link.info.name;
+    GraphIO const& io = mManifest.io.at(name);
+    link.prefill = std::make_unique<TrtGraph>(*mRuntime, directory + "/" + name + ".plan", hint);
+    link.prefill->matchManifest(io, name, directory);
+    for (TensorSpec const& t : io.inputs)
+    {
+        char const* fed = hostDtype(t.role);
+        if (fed != nullptr && t.dtype != fed) // the host side writes this width; another is a stale engine
+        {
+            throw std::runtime_error("engine " + directory + ": " + name + " input " + t.role + " is " + t.dtype
+                + ", not the " + fed + " this runtime feeds; " + kRebuildPlans);
+        }
+    }
+    link.prefill->useProfile(kPrefillProfile, mStream);
+    link.prefill->setMaxShapes(kPrefillProfile);
+    for (TensorSpec const& t : io.outputs)
+    {
+        if (!isCache(t.role))
+        {
+            link.outputs.emplace(t.name, DeviceBuffer(link.prefill->bytes(t.name)));
+        }
+    }
+    if (link.info.kind != kind::kSegment)
+    {
+        return;
+    }
+    for (auto& context : link.decode)
+    {
+        context = std::make_unique<TrtGraph>(*link.prefill);
+        context->useProfile(kDecodeProfile, mStream);
+        context->setMaxShapes(kDecodeProfile);
+    }
+    for (TensorSpec const& t : io.outputs)
+    {
+        if (!isCache(t.role))
+        {
+            link.decodeOutputs.emplace(t.name, DeviceBuffer(link.decode[0]->bytes(t.name)));
+        }
     }
 }
 
-TrtEngine::CacheNames TrtEngine::cacheNames(char const* graph, bool output, int64_t layer) const
+// Segment `segment`'s decode context for arena parity `past`: one token `hidden` in, the pinned scalars'
+// position and its offset, its layers' past caches read and present caches written in the arena.
+void TrtEngine::bindDecode(Link& link, size_t segment, int past, void* hidden)
 {
-    return CacheNames{mManifest.find(graph, output, role::kKey, layer).name,
-        mManifest.find(graph, output, role::kValue, layer).name, mManifest.find(graph, output, role::kValid, layer).name};
+    TrtGraph& graph = *link.decode[past];
+    auto* scalars = static_cast<int64_t*>(mScalars.get());
+    for (TensorSpec const& t : mManifest.io.at(link.info.name).inputs)
+    {
+        size_t const layer = static_cast<size_t>(t.layer);
+        void* data = t.role == role::kHidden ? hidden
+            : t.role == role::kPositions     ? static_cast<void*>(scalars + 1)
+            : t.role == role::kOffset        ? static_cast<void*>(scalars + 2 + segment)
+            : t.role == role::kTokenTable    ? mTokenTable.get()
+            : t.role == role::kKey           ? mArena->key(past, layer)
+            : t.role == role::kValue         ? mArena->value(past, layer)
+            : t.role == role::kValid         ? static_cast<void*>(mArena->valid(past, layer))
+                                             : nullptr;
+        if (data == nullptr)
+        {
+            throw std::runtime_error(link.prefill->path() + ": decode has no input for role " + t.role + "; "
+                + kRebuildPlans);
+        }
+        graph.bind(t.name, data);
+    }
+    int const present = 1 - past;
+    for (TensorSpec const& t : mManifest.io.at(link.info.name).outputs)
+    {
+        size_t const layer = static_cast<size_t>(t.layer);
+        graph.bind(t.name, t.role == role::kKey ? mArena->key(present, layer)
+                : t.role == role::kValue        ? mArena->value(present, layer)
+                : t.role == role::kValid        ? static_cast<void*>(mArena->valid(present, layer))
+                                                : link.decodeOutputs.at(t.name).get());
+    }
 }
 
 TrtEngine::~TrtEngine()
@@ -426,111 +371,136 @@ TrtEngine::~TrtEngine()
     // The plugin library stays loaded: TensorRT's registry holds its creators for the process's lifetime.
 }
 
-void TrtEngine::bindDecode(int past)
-{
-    TrtGraph& graph = *mDecode[past];
-    auto* scalars = static_cast<int64_t*>(mScalars.get());
-    graph.bind(mDecodeEmbeddings, mTokenEmbed.get());
-    graph.bind(mDecodePosition, scalars + 1);
-    graph.bind(mDecodeStep, scalars + 2);
-    graph.bind(mDecodeLogitsName, mDecodeLogits.get());
-    int const present = 1 - past;
-    for (int64_t layer = 0; layer < mManifest.nLayers; ++layer)
-    {
-        CacheNames const& in = mDecodePast[layer];
-        CacheNames const& out = mDecodePresent[layer];
-        graph.bind(in.key, mArena->key(past, layer));
-        graph.bind(in.value, mArena->value(past, layer));
-        graph.bind(in.valid, mArena->valid(past, layer));
-        graph.bind(out.key, mArena->key(present, layer));
-        graph.bind(out.value, mArena->value(present, layer));
-        graph.bind(out.valid, mArena->valid(present, layer));
-    }
-}
-
 std::vector<float> TrtEngine::prefill(PrefillInputs const& in, void const* pixels, size_t pixelBytes,
     std::vector<std::vector<int64_t>>* kept)
 {
     EngineManifest const& m = mManifest;
+    int64_t const t = in.promptLen;
     if (pixelBytes != mPixelBytes)
     {
         throw std::invalid_argument("pixels are " + std::to_string(pixelBytes) + " bytes but the vision plan takes "
             + std::to_string(mPixelBytes) + "; pass the processor's pixel_values for this engine's grid and dtype");
     }
-    if (static_cast<int64_t>(in.inputIds.size()) != m.maxPrompt)
+    if (t < 1 || t > m.maxPrompt || static_cast<int64_t>(in.tokenIds.size()) != t
+        || static_cast<int64_t>(in.positions.size()) != t || in.queryIdx.size() * 8 != mQueryIdx.bytes()
+        || in.queryMask.size() != mQueryMask.bytes() || in.visualStart < 0 || in.visualStart + m.nVisual > t)
     {
-        throw std::invalid_argument("prefill inputs are not padded to the engine's length; use makePrefillInputs");
+        throw std::invalid_argument("prefill inputs do not fit this engine (a prompt of " + std::to_string(t)
+            + " tokens, capacity " + std::to_string(m.maxPrompt) + "); make them with makePrefillInputs");
     }
-    mArena->reset(); // every slot invalid, set 0 is the past: the prefill writes it whole
-    int const past = mArena->past();
-    for (int64_t layer = 0; layer < m.nLayers; ++layer) // the prefill's caches are laid out as decode's past
-    {
-        CacheNames const& out = mPrefillPresent[layer];
-        mPrefill->bind(out.key, mArena->key(past, layer));
-        mPrefill->bind(out.value, mArena->value(past, layer));
-        mPrefill->bind(out.valid, mArena->valid(past, layer));
-    }
+    mArena->reset(); // both sets zeroed (every slot invalid), synchronously; set 0 is the past
     auto upload = [&](DeviceBuffer& to, void const* from, size_t bytes) {
         check(cudaMemcpyAsync(to.get(), from, bytes, cudaMemcpyHostToDevice, mStream), "upload");
     };
-    upload(mPromptIds, in.inputIds.data(), 8 * in.inputIds.size());
-    upload(mMask, in.attentionMask.data(), 8 * in.attentionMask.size());
+    upload(mPromptIds, in.tokenIds.data(), 8 * in.tokenIds.size());
     upload(mPositions, in.positions.data(), 8 * in.positions.size());
     upload(mVisualStart, &in.visualStart, 8);
     upload(mQueryIdx, in.queryIdx.data(), 8 * in.queryIdx.size());
     upload(mQueryMask, in.queryMask.data(), in.queryMask.size());
     upload(mLastIdx, &in.lastIdx, 8);
     upload(mPixels, pixels, pixelBytes);
+    mEmbedPrompt->setShape(m.find(kind::kEmbed, false, role::kTokenIds).name, {1, t});
     mEmbedPrompt->enqueue(mStream);
     mVision->enqueue(mStream);
     // The image features replace the image tokens' embeddings: one contiguous block at visualStart.
-    size_t const row = static_cast<size_t>(m.hiddenSize) * mElement;
-    check(cudaMemcpyAsync(static_cast<char*>(mPromptEmbeds.get()) + in.visualStart * row, mFeatures.get(),
+    check(cudaMemcpyAsync(static_cast<char*>(mPromptEmbeds.get()) + in.visualStart * mRowBytes, mFeatures.get(),
               mFeatures.bytes(), cudaMemcpyDeviceToDevice, mStream),
         "merge image features");
-    mPrefill->enqueue(mStream);
-    std::vector<char> logits(mPrefillLogits.bytes());
-    check(cudaMemcpyAsync(logits.data(), mPrefillLogits.get(), logits.size(), cudaMemcpyDeviceToHost, mStream),
+
+    // Each graph's outputs are the next one's inputs by role (a kept output is the next select's alive), as
+    // runtime/pipeline.py chains them. A segment reads its caches from the arena's other set, zeroed by reset,
+    // and writes them into the past set, where decode's first step reads them.
+    int const past = mArena->past();
+    int64_t const q = static_cast<int64_t>(in.queryIdx.size());
+    std::map<std::string, Tensor> state{{role::kHidden, {mPromptEmbeds.get(), {1, t, m.hiddenSize}}},
+        {role::kPositions, {mPositions.get(), {1, t}}}, {role::kOffset, {mZero.get(), {}}},
+        {role::kTokenTable, {mTokenTable.get(), {m.vocabSize, m.hiddenSize}}},
+        {role::kVisualStart, {mVisualStart.get(), {1}}}, {role::kQueryIdx, {mQueryIdx.get(), {1, q}}},
+        {role::kQueryMask, {mQueryMask.get(), {1, q}}}, {role::kLastIdx, {mLastIdx.get(), {1}}}};
+    std::vector<std::pair<void const*, size_t>> keptOut;
+    for (Link& link : mChain)
+    {
+        TrtGraph& graph = *link.prefill;
+        GraphIO const& io = m.io.at(link.info.name);
+        for (TensorSpec const& spec : io.inputs)
+        {
+            size_t const layer = static_cast<size_t>(spec.layer);
+            if (isCache(spec.role))
+            {
+                graph.bind(spec.name, spec.role == role::kKey ? mArena->key(1 - past, layer)
+                        : spec.role == role::kValue           ? mArena->value(1 - past, layer)
+                                                              : static_cast<void*>(mArena->valid(1 - past, layer)));
+                continue;
+            }
+            auto const it = state.find(spec.role);
+            if (it == state.end())
+            {
+                throw std::runtime_error("engine " + m.directory + ": " + link.info.name + " takes " + spec.role
+                    + ", which no graph before it gives; " + kRebuildPlans);
+            }
+            graph.setShape(spec.name, it->second.dims);
+            graph.bind(spec.name, it->second.data);
+        }
+        for (TensorSpec const& spec : io.outputs)
+        {
+            size_t const layer = static_cast<size_t>(spec.layer);
+            graph.bind(spec.name, spec.role == role::kKey ? mArena->key(past, layer)
+                    : spec.role == role::kValue           ? mArena->value(past, layer)
+                    : spec.role == role::kValid           ? static_cast<void*>(mArena->valid(past, layer))
+                                                          : link.outputs.at(spec.name).get());
+        }
+        graph.enqueue(mStream);
+        for (TensorSpec const& spec : io.outputs)
+        {
+            if (!isCache(spec.role))
+            {
+                state[spec.role == role::kKept ? role::kAlive : spec.role] = Tensor{link.outputs.at(spec.name).get(),
+                    graph.shape(spec.name)};
+                if (spec.role == role::kKept)
+                {
+                    keptOut.emplace_back(link.outputs.at(spec.name).get(), graph.bytes(spec.name));
+                }
+            }
+        }
+        if (link.info.kind == kind::kSegment)
+        {
+            link.fill = m.segmentPrefillLen(link.info, t);
+        }
+    }
+    mPromptLen = t;
+
+    Link const& last = mChain[mSegments.back()];
+    std::vector<char> logits(mLogitsBytes);
+    check(cudaMemcpyAsync(logits.data(), last.outputs.at(mLogitsName).get(), logits.size(), cudaMemcpyDeviceToHost,
+              mStream),
         "prefill logits");
     if (kept != nullptr)
     {
-        kept->assign(mKept.size(), {});
-        for (size_t s = 0; s < mKept.size(); ++s)
+        kept->assign(keptOut.size(), {});
+        for (size_t s = 0; s < keptOut.size(); ++s)
         {
-            (*kept)[s].resize(mKept[s].bytes() / 8);
-            check(cudaMemcpyAsync((*kept)[s].data(), mKept[s].get(), mKept[s].bytes(), cudaMemcpyDeviceToHost, mStream),
+            (*kept)[s].resize(keptOut[s].second / 8);
+            check(cudaMemcpyAsync((*kept)[s].data(), keptOut[s].first, keptOut[s].second, cudaMemcpyDeviceToHost,
+                      mStream),
                 "kept indices");
         }
     }
     check(cudaStreamSynchronize(mStream), "prefill");
     std::vector<float> out(vocab());
-    toFloat(logits.data(), mPrefill->dataType(mPrefillLogitsName) == nvinfer1::DataType::kHALF, out);
+    toFloat(logits.data(), mLogitsHalf, out);
     return out;
-}
-
-void TrtEngine::toFloat(void const* data, bool half, std::vector<float>& out)
-{
-    if (!half)
-    {
-        std::memcpy(out.data(), data, out.size() * sizeof(float));
-        return;
-    }
-    for (size_t i = 0; i < out.size(); ++i)
-    {
-        uint16_t bits;
-        std::memcpy(&bits, static_cast<char const*>(data) + 2 * i, 2);
-        out[i] = halfToFloat(bits);
-    }
 }
 
 void TrtEngine::runDecode(int past)
 {
-    check(cudaMemcpyAsync(mScalars.get(), mHostScalars, 3 * sizeof(int64_t), cudaMemcpyHostToDevice, mStream),
-        "decode inputs");
+    size_t const scalars = (2 + mSegments.size()) * sizeof(int64_t);
+    check(cudaMemcpyAsync(mScalars.get(), mHostScalars, scalars, cudaMemcpyHostToDevice, mStream), "decode inputs");
     mEmbedToken->enqueue(mStream);
-    mDecode[past]->enqueue(mStream);
-    check(cudaMemcpyAsync(mHostLogits, mDecodeLogits.get(), mDecodeLogits.bytes(), cudaMemcpyDeviceToHost, mStream),
-        "decode logits");
+    for (size_t index : mSegments)
+    {
+        mChain[index].decode[past]->enqueue(mStream);
+    }
+    check(cudaMemcpyAsync(mHostLogits, mDecodeLogits, mLogitsBytes, cudaMemcpyDeviceToHost, mStream), "decode logits");
 }
 
 float const* TrtEngine::decode(int32_t token, int64_t position, int64_t step, KvArena& arena)
@@ -539,10 +509,22 @@ float const* TrtEngine::decode(int32_t token, int64_t position, int64_t step, Kv
     {
         throw std::invalid_argument("TrtEngine::decode runs on its own device arena; pass engine.arena()");
     }
+    if (mPromptLen == 0)
+    {
+        throw std::logic_error("TrtEngine::decode before any prefill; run prefill first");
+    }
+    if (step < 0 || step >= mManifest.maxNewTokens)
+    {
+        throw std::invalid_argument("decode step " + std::to_string(step) + " is past the caches' "
+            + std::to_string(mManifest.maxNewTokens) + " new-token slots; rebuild with a larger MAX_NEW_TOKENS");
+    }
     int const past = arena.past();
     mHostScalars[0] = token;
     mHostScalars[1] = position;
-    mHostScalars[2] = step;
+    for (size_t j = 0; j < mSegments.size(); ++j) // each segment writes slot `its prefill length + step`
+    {
+        mHostScalars[2 + j] = mChain[mSegments[j]].fill + step;
+    }
     if (mGraphs[past] != nullptr)
     {
         check(cudaGraphLaunch(mGraphs[past], mStream), "cudaGraphLaunch");
