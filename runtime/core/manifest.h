@@ -1,7 +1,8 @@
 // An engine directory's manifest.json (format 4), read in C++ with nlohmann/json: what a C++ app needs to run
 // the engine's graphs and size its KV arena. The schema is iwp/engine_format.py's (authoritative); this reader
 // checks what it reads exactly as that one does, with the same one-line errors, and
-// tests/test_manifest_cpp.py holds the two equal.
+// tests/test_manifest_cpp.py holds the two equal. It reads no more than a runtime needs (not inputs_hash,
+// flops, tools, spec or tensorrt), and refuses one thing the Python reader takes: token ids past int32.
 //
 // The API a backend uses:
 //   graphs                 every graph in run order: embed, vision, then segments and selects alternating
@@ -18,8 +19,8 @@
 //   tokensPerLayer         per decoder layer, the visual tokens it holds: nVisual before the first stage,
 //                          then each stage's kept count.
 //   segmentPrefillLen(segment, promptLen)
-//                          the tokens a segment runs in the prefill (its caches' fill), and so each decode step's
-//                          offset: promptLen - nVisual + tokensPerLayer[segment.first].
+//                          the tokens a segment runs in the prefill (its caches' fill): promptLen - nVisual +
+//                          tokensPerLayer[segment.first]. Decode step s feeds the segment offset = that + s.
 //   cacheLen, kvLayout()   per layer cache capacity (the arena's).
 #pragma once
 
