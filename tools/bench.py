@@ -102,7 +102,8 @@ def _torch_timer(pruned, batch, embeds, device: torch.device, warmup: int, repea
         try:
             from iwp.plugins.visual_token_select import cuda
             cuda.library()
-            kernel = cuda.select
+            # the indices stay on the device (cuda.select copies them to the host), as in the engine
+            kernel = lambda m, view, keep: cuda.Selector(m, view, keep).run()   # noqa: E731
         except (FileNotFoundError, OSError, RuntimeError):
             kernel = None   # not built: the reference selects on the GPU
     selector = kernel or reference_select
