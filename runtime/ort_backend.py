@@ -114,7 +114,7 @@ class OrtBackend(CoreBackend):
                                         **{(spec.role, spec.layer): None for spec in past}})
             for spec in m.io[name].inputs:
                 if spec.layer is None:
-                    feeds[spec.name] = np.ascontiguousarray(feeds[spec.name])
+                    feeds[spec.name] = np.asarray(feeds[spec.name], order="C")   # 0-d stays 0-d (the offset)
                     binding.bind_cpu_input(spec.name, feeds[spec.name])
             bound = {}
             for specs, which, bind in ((past, arena.past, binding.bind_input),

@@ -27,10 +27,7 @@ PHASES = ("prefill", "decode")
 
 class Recorder:
     """An observer of the pipeline that keeps a copy of the feeds of each graph's first run in each phase,
-    by (graph, phase). A graph's first run is its prefill's; decode runs embed and the segments again.
-
-    A 0-d input (a segment's offset) is kept 0-d: the ONNX Runtime backend binds it from a one-element array
-    (np.ascontiguousarray makes 0-d arrays 1-d), which its session takes but TensorRT's shape check does not."""
+    by (graph, phase). A graph's first run is its prefill's; decode runs embed and the segments again."""
 
     def __init__(self, manifest):
         self.manifest = manifest
@@ -40,10 +37,8 @@ class Recorder:
         phase = "decode" if (name, "prefill") in self.feeds else "prefill"
         if (name, phase) in self.feeds:
             return
-        scalars = {spec.name for spec in self.manifest.io[name].inputs if spec.shape == ()}
         # decode's feeds are the arena's buffers, rewritten by later steps: copy
-        self.feeds[(name, phase)] = {key: np.array(value, copy=True).reshape(() if key in scalars else np.shape(value))
-                                     for key, value in feeds.items()}
+        self.feeds[(name, phase)] = {key: np.array(value, copy=True) for key, value in feeds.items()}
 
 
 def record(pipeline, image=None, prompt: str = "What is in the image?") -> dict[tuple[str, str], dict]:
