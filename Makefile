@@ -14,6 +14,7 @@ MODEL_PATH ?=
 RANDOM_WEIGHTS ?= 0
 SELECT  ?=
 DTYPE   ?=
+QUANT   ?=
 BACKEND ?=
 ENGINE  ?=
 BASELINE ?=
@@ -22,7 +23,8 @@ ENGINE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(METHOD),--method $(METHOD)
 	$(if $(BUDGET),--budget $(BUDGET)) $(if $(GRID),--grid $(GRID)) \
 	$(if $(IMAGE),--image "$(IMAGE)") $(if $(PROMPT),--prompt "$(PROMPT)") \
 	$(if $(MODEL_PATH),--model-path "$(MODEL_PATH)") $(if $(filter 1,$(RANDOM_WEIGHTS)),--random-weights) \
-	$(if $(SELECT),--select $(SELECT)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(BACKEND),--backend $(BACKEND))
+	$(if $(SELECT),--select $(SELECT)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(QUANT),--quant $(QUANT)) \
+	$(if $(BACKEND),--backend $(BACKEND))
 
 TENSORRT_ROOT ?=
 PLUGIN_BUILD := build/plugins

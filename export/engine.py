@@ -1,8 +1,9 @@
 """Build an engine directory: its ONNX graphs (export/graphs.py), the token table, the processor files and
 manifest.json.
 
-    engines/<model>-<method>[-b<budget>]-<grid>[-native][-fp16][-trt]-<settings hash>/
+    engines/<model>-<method>[-b<budget>]-<grid>[-native][-fp16][-int8|-int4][-trt]-<settings hash>/
         embed.onnx vision.onnx segment.0.onnx [select.0.onnx segment.1.onnx ...]
+                          (QUANT=int8|int4: the segments' linear weights quantized, export/quantize.py)
         token_table.bin   (the embedding table, stored once: embed's input and, when tied, the LM head's)
         *.plan            (BACKEND=tensorrt: one TensorRT engine per graph, version in the manifest)
         tokenizer files, preprocessor_config.json, chat_template.jinja, processor_config.json
@@ -35,13 +36,14 @@ DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16)))   # the spec's n
 
 
 def engine_name(spec: EngineSpec, grid_name: str) -> str:
-    """<model>-<method>[-b<budget>]-<grid>[-native][-fp16][-trt]-<settings>: the readable part, then 8 hex digits
+    """<model>-<method>[-b<budget>]-<grid>[-native][-fp16][-int4][-trt]-<settings>: the readable part, then 8 hex digits
     over every build input it leaves out, so two engines that differ never share a directory."""
     budget = f"-b{spec.budget}" if spec.method != "none" else ""
     native = "-native" if spec.select == "native" and spec.method != "none" else ""
     dtype = f"-{spec.dtype}" if spec.dtype != "fp32" else ""
+    quant = f"-{spec.quant}" if spec.quant != "none" else ""
     trt = "-trt" if spec.backend == "tensorrt" else ""
-    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}{dtype}{trt}-{settings_hash(spec)}"
+    return f"{spec.model}-{spec.method}{budget}-{grid_name}{native}{dtype}{quant}{trt}-{settings_hash(spec)}"
 
 
 def settings_hash(spec: EngineSpec) -> str:
@@ -54,6 +56,8 @@ def settings_hash(spec: EngineSpec) -> str:
     key = {"config": config, "max_text_tokens": spec.max_text_tokens, "max_new_tokens": spec.max_new_tokens,
            "random_weights": spec.random_weights, "external_data": spec.external_data,
            "trt_workspace_gb": workspace}
+    if spec.quant != "none":   # only then: an unquantized engine keeps the name it had before QUANT existed
+        key["quant"] = spec.quant
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 
@@ -68,7 +72,10 @@ def _tool_versions() -> dict:
 def inputs_hash(spec: EngineSpec, source: str) -> str:
     """What the engine is a function of: the spec, the weights' identity and iwp's version."""
     from importlib.metadata import version
-    key = json.dumps({"spec": dataclasses.asdict(spec), "source": source, "iwp": version("iwp"),
+    fields = dataclasses.asdict(spec)
+    if spec.quant == "none":   # an engine built before QUANT existed is still current
+        del fields["quant"]
+    key = json.dumps({"spec": fields, "source": source, "iwp": version("iwp"),
                       "format": FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -130,6 +137,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     from iwp.zoo import load
 
     from .graphs import Decoder, export_program, graph_jobs, names, save
+    from .quantize import quantize_segment
 
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
                   dtype=DTYPES[spec.dtype])
@@ -170,6 +178,9 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             io[name] = graph_io(program.model_proto, named)
             save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
             del program
+            if spec.quant != "none" and graph["kind"] == "segment":   # selects keep their float q/k/v copy
+                progress(f"quantizing {name} to {spec.quant} ...")
+                quantize_segment(staging / f"{name}.onnx", spec.quant, external_data=spec.external_data or None)
         save_processor(loaded.processor, staging)
         tensorrt = None
         if spec.backend == "tensorrt":
@@ -221,6 +232,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
 
 
 TABLE_FILE = "token_table.bin"
+_PACKED_4BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 
 
@@ -239,7 +251,10 @@ def weight_bytes(hf, directory: Path, graphs: list[dict], stages, model) -> dict
             count = 1
             for d in init.dims:
                 count *= d
-            stored += count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            if init.data_type in _PACKED_4BIT:   # two per byte in the file (numpy's int4 itemsize is 1)
+                stored += (count * 4 + 7) // 8
+            else:
+                stored += count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     copies = []
     for graph in graphs:
         if graph["kind"] == "select":

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 DTYPE_NAMES = ("fp32", "fp16")   # fp16 graphs are fp16 in the file; the selection scores in fp32
+QUANT_NAMES = ("none", "int8", "int4")   # weight-only, the segments' linear layers (export/quantize.py)
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,16 @@ class EngineSpec:
     external_data: bool = False    # weights in a side file even under 2 GB (over 2 GB they always are)
     backend: str = "onnxruntime"   # or "tensorrt": also build a .plan per graph (export/tensorrt.py)
     trt_workspace_gb: float | None = None   # TensorRT builder's tactic workspace cap in GiB (None: TensorRT's)
+    quant: str = "none"            # int8: per channel; int4: block 128; both symmetric, round to nearest
 
     def __post_init__(self):
         if self.max_text_tokens < 1 or self.max_new_tokens < 1:
             raise ValueError("max_text_tokens and max_new_tokens must be >= 1")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"DTYPE={self.dtype} is not one of {', '.join(DTYPE_NAMES)}")
+        if self.quant not in QUANT_NAMES:
+            raise ValueError(f"QUANT={self.quant} is not one of {', '.join(QUANT_NAMES)}; pass one of them, "
+                             "e.g. QUANT=int4 (weight-only int4, block 128)")
         if self.select not in ("plugin", "native"):
             raise ValueError(f"SELECT={self.select} is not one of plugin, native")
         if self.backend not in ("onnxruntime", "tensorrt"):

@@ -12,7 +12,8 @@ from .options import method_options, parse_options
 # command-line flag -> EngineSpec field; a flag left out keeps the field's default
 SPEC_FLAGS = {"max_text_tokens": "max_text_tokens", "max_new_tokens": "max_new_tokens", "dtype": "dtype",
               "select": "select", "model_path": "model_path", "random_weights": "random_weights",
-              "grid": "grid", "budget": "budget", "trt_workspace_gb": "trt_workspace_gb"}
+              "grid": "grid", "budget": "budget", "trt_workspace_gb": "trt_workspace_gb",
+              "quant": "quant"}
 
 
 def spec_default(field: str):

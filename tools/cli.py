@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"(default {spec_default('max_new_tokens')})")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help=f"(default {spec_default('dtype')})")
     p.add_argument("--select", default=None, choices=["plugin", "native"], help=f"(default {spec_default('select')})")
+    # no choices=: EngineSpec refuses a bad value in one line that says what to pass
+    p.add_argument("--quant", default=None, help=f"weight-only: none, int8 (per channel), int4 (block 128) "
+                                                 f"(default {spec_default('quant')})")
     p.add_argument("--backend", default=spec_default("backend"), choices=["onnxruntime", "tensorrt", "auto"],
                    help="tensorrt also builds a .plan per graph; auto picks it when TensorRT is present")
     p.add_argument("--trt-workspace-gb", type=float, default=None,
