@@ -1,6 +1,6 @@
 """Weight-only quantization of a saved segment graph: its linear layers' weights become int4 or int8
 initializers behind a `DequantizeLinear` that feeds the unchanged `MatMul`, the QDQ form TensorRT builds into
-weight-only GEMMs (Ampere and later, Orin's sm_87 included) and ONNX Runtime fuses or runs as it is.
+weight-only GEMMs (Ampere and later, Orin's sm_87 included) and ONNX Runtime fuses into MatMulNBits.
 
     int4  block-wise along K, block 128, symmetric: ONNX Runtime's MatMulNBitsQuantizer in QDQ format.
           A K under 128 is one block (the tiny model's); the graph's DequantizeLinear says block_size=128.
@@ -15,7 +15,6 @@ norms and biases stay float. Embed, vision and select graphs and the token table
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ def quantize_segment(path: Path, quant: str, external_data: bool | None = None) 
     model.ir_version = max(model.ir_version, 10)
     if quant == "int4":
         quantizer = _matmul_nbits_quantizer()(model, bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                         quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
+                                              quant_format=QuantFormat.QDQ, op_types_to_quantize=("MatMul",))
         quantizer.process()
         model = quantizer.model.model
     else:
