@@ -78,14 +78,15 @@ def _quantize_int8(model: onnx.ModelProto) -> None:
             params = [compute_data_quant_params(w[:, n], onnx.TensorProto.INT8, symmetric=True)
                       for n in range(w.shape[1])]
             zero = np.array([p[0] for p in params], dtype=np.int8)                     # [N], all 0
+            assert not zero.any(), "symmetric int8 has zero points of 0"
             scale = np.array([p[1] for p in params], dtype=w.dtype)                     # [N]
             q = quantize_onnx_initializer(init, onnx.TensorProto.INT8, zero, scale, axis=1,
                                           quant_weight_name=f"{init.name}_DQ_Q8")
             s = onnx.numpy_helper.from_array(scale, f"{init.name}_DQ_scales")
-            z = onnx.numpy_helper.from_array(zero, f"{init.name}_DQ_zero_points")
-            graph.initializer.extend([q, s, z])
+            graph.initializer.extend([q, s])
             out = f"{init.name}_DQ_Q8_output"
-            graph.node.append(onnx.helper.make_node("DequantizeLinear", [q.name, s.name, z.name], [out], axis=1,
+            # no zero-point input (0 by default), as the int4 path writes it: TensorRT's dequantize takes only 0
+            graph.node.append(onnx.helper.make_node("DequantizeLinear", [q.name, s.name], [out], axis=1,
                                                     name=f"{node.name}_DQ_Q8"))
             done[init.name] = out
         node.input[1] = done[init.name]

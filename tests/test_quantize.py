@@ -75,6 +75,7 @@ def test_segments_carry_dequantize_into_matmul_and_no_float_copy(engines, quant)
                     and producers[node.input[1]].op_type == "DequantizeLinear":
                 dq = producers[node.input[1]]
                 assert inits[dq.input[0]].data_type == BITS[quant]
+                assert len(dq.input) == 2, "symmetric: no zero-point input (TensorRT takes only 0)"
                 attrs = {a.name: a.i for a in dq.attribute}
                 assert attrs.get("block_size") == (INT4_BLOCK if quant == "int4" else None)
                 fed += 1
@@ -117,7 +118,7 @@ def test_quantized_engines_store_fewer_bytes_and_the_manifest_counts_int4_packed
     float_weights = {name: _linear_weights(_graph(engines["none"], name)) for name in _segments(engines["none"])}
     fp32 = sum(w.size * 4 for ws in float_weights.values() for w in ws.values())
     for quant, per_weight in (("int4", lambda k, n: math.ceil(k * n / 2) + 4 * n * math.ceil(k / INT4_BLOCK)),
-                              ("int8", lambda k, n: k * n + 4 * n + n)):   # q, fp32 scales (+ int8 zero points)
+                              ("int8", lambda k, n: k * n + 4 * n)):   # q and fp32 scales, no zero points
         quantized = sum(per_weight(*w.shape) for ws in float_weights.values() for w in ws.values())
         manifest = read_manifest(engines[quant])
         assert manifest.weights.stored_bytes == float_manifest.weights.stored_bytes - fp32 + quantized
