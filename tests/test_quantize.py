@@ -142,10 +142,10 @@ def test_the_quantized_engine_generates_on_onnx_runtime(engines, quant):
     assert len(ids) == len(float_ids) and all(0 <= t < pipeline.manifest.model.vocab_size for t in ids)
     # The select is the float engine's (above), but the segment before it is quantized, so its input hidden states
     # differ: by 0.9% (int8) and 13% (int4) here. The tiny random model's selection is that sensitive: 1% random
-    # noise on its hidden input keeps 66% of the set, 10% noise 49%. Measured here: int8 70%, int4 48% (ONNX
-    # Runtime's fused MatMulNBits at its default accuracy level, activations int8 inside; fp32 ones: 89%, 47%).
+    # noise on its hidden input keeps 66% of the set, 10% noise 49%. Measured here: int8 89%, int4 47% (fp32
+    # activations, as the pipeline's sessions run the fused MatMulNBits; at ONNX Runtime's default level: 70%, 48%).
     overlap = len(set(kept[0][0].tolist()) & set(float_kept[0][0].tolist())) / kept[0].shape[1]
-    assert overlap >= (0.6 if quant == "int8" else 0.4)
+    assert overlap >= (0.8 if quant == "int8" else 0.4)   # int8 at level 4 (activations int8) keeps only 70%
     logits = pipeline.prefill(pipeline.prepare(image, PROMPT)).logits
     float_logits = reference.prefill(reference.prepare(image, PROMPT)).logits
     cosine = float(logits @ float_logits / np.linalg.norm(logits) / np.linalg.norm(float_logits))

@@ -113,6 +113,9 @@ def session(model, providers: list[str] | None = None):
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.register_custom_ops_library(register())
+    # weight-only means float activations: the fused MatMulNBits of a quantized segment would otherwise (level 4)
+    # quantize its activations to int8 inside
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     providers = providers or ["CPUExecutionProvider"]
     if not isinstance(model, onnx.ModelProto):
         path = str(model)
