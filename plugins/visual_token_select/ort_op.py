@@ -107,31 +107,14 @@ def for_onnxruntime(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProt
     return out
 
 
-_shared_pools = False
-
-
-def shared_thread_pools() -> None:
-    """Every session of the process on ONNX Runtime's global thread pools. An engine runs several graphs per
-    decode step (embed and each segment); with a pool per session, the spinning workers of the graph that
-    just ran take the cores from the next one (llava-ov-0.5b on 2 cores: 108 -> 68 ms per decode step)."""
-    global _shared_pools
-    if not _shared_pools:
-        import onnxruntime as ort
-        try:
-            ort.set_global_thread_pool_sizes(0, 0)   # 0: ONNX Runtime's defaults (one intra-op thread per core)
-        except Exception as err:                     # the host application made them first: use those
-            if "already been created" not in str(err):
-                raise
-        _shared_pools = True
-
-
 def session(model, providers: list[str] | None = None):
-    """An ONNX Runtime session for a ModelProto or a path, on the shared thread pools. A file without iwp
-    nodes is handed to ONNX Runtime by path, so a multi-GB graph is not copied through Python."""
+    """An ONNX Runtime session for a ModelProto or a path. A file without iwp nodes is handed to ONNX
+    Runtime by path, so a multi-GB graph is not copied through Python."""
     import onnxruntime as ort
-    shared_thread_pools()
     options = ort.SessionOptions()
-    options.use_per_session_threads = False
+    # An engine runs several graphs per decode step (embed, each segment): a session's workers must stop
+    # spinning when its run ends, or they take the cores from the next graph (0.5b on 2 cores: 108 -> 72 ms a step)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.register_custom_ops_library(register())
     # weight-only means float activations: the fused MatMulNBits of a quantized segment would otherwise (level 4)
     # quantize its activations to int8 inside
