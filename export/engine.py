@@ -10,17 +10,25 @@ manifest.json.
         manifest.json   (the resolved config and the io section; iwp/engine_format.py types it, and the
                          runtime reads everything from here)
 
+The model is a skeleton (meta parameters) and each weight is read from its source only as its graph is
+written (export/lazy.py), so the export's memory does not grow with the model.
+
 Writes are atomic: the directory is built under a temporary name beside the target and renamed into place
 last, so an interrupted export leaves nothing that looks valid. A rebuild with the same inputs (same
 `inputs_hash`, intact files) is skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -106,24 +114,30 @@ def is_current(directory: Path, expected_hash: str) -> bool:
                for name, digest in manifest.files.items())
 
 
-_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-           onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
-           onnx.TensorProto.BOOL: "bool"}
+_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64", "INT32": "int32",
+           "BOOL": "bool"}
 
 
-def graph_io(model: onnx.ModelProto, named: tuple[list, list]) -> GraphIO:
-    """The io entry of an exported graph: its own names, shapes (symbolic dims by name) and dtypes, with the
-    roles export/graphs.py gives each name."""
+def graph_io(model, named: tuple[list, list]) -> GraphIO:
+    """The io entry of an exported graph (an onnx_ir model): its own names, shapes (symbolic dims by name) and
+    dtypes, with the roles export/graphs.py gives each name."""
     def specs(values, tensors) -> tuple[TensorSpec, ...]:
         values = list(values)
         assert [v.name for v in values] == [t[0] for t in tensors], ([v.name for v in values], tensors)
         out = []
         for value, (name, role, layer, stage) in zip(values, tensors):
-            t = value.type.tensor_type
-            shape = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
-            out.append(TensorSpec(name, shape, _DTYPES[t.elem_type], role, layer, stage))
+            shape = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+            out.append(TensorSpec(name, shape, _DTYPES[value.dtype.name], role, layer, stage))
         return tuple(out)
-    return GraphIO(specs(model.graph.input, named[0]), specs(model.graph.output, named[1]))
+    return GraphIO(specs(model.graph.inputs, named[0]), specs(model.graph.outputs, named[1]))
+
+
+def on_meta(batch):
+    """The example batch on the meta device, as the skeleton is, but for the visual tokens' grid coordinates:
+    a real constant of the select graphs."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to("meta") for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)
+                                         and f.name != "visual_xy"})
 
 
 def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) -> Path:
@@ -136,11 +150,17 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
     from iwp.processor import save_processor
     from iwp.zoo import load
 
-    from .graphs import Decoder, export_program, graph_jobs, names, save
-    from .quantize import quantize_segment
+    from .graphs import Decoder, export_program, graph_jobs, names, save_ir
+    from .lazy import LazyWeights, buffers_to_meta
+    from .quantize import quantize_matmuls
 
+    started = time.perf_counter()
+    if spec.backend == "tensorrt":
+        from .tensorrt import check_quant, gpu_capability
+        check_quant(spec.quant, gpu_capability())
+    # a skeleton: no weight is read until the graph that holds it is written (export/lazy.py)
     loaded = load(spec.model, grid=spec.grid, model_path=spec.model_path, random_weights=spec.random_weights,
-                  dtype=DTYPES[spec.dtype])
+                  dtype=DTYPES[spec.dtype], lazy=True)
     spec = dataclasses.replace(spec, budget=spec.budget or loaded.spec.budget)
     if spec.method != "none":   # options as the config holds them (lam=1 is lam=1.0), so the hash is of the values
         config = make_method(spec.method, **dict(spec.options)).config
@@ -151,37 +171,43 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
         progress(f"engine {target} is up to date (same inputs, intact files); reusing it")
         return target
 
+    need = estimated_bytes(loaded.model, spec.quant)
+    check_disk(out_root, need)   # before any work: a 7B export that fills the disk halfway helps no one
+    weights = LazyWeights(loaded.model, loaded.weights, buffers_to_meta(loaded.model))
     model = PrunedLlavaOnevision(loaded.model)
     n = loaded.n_visual
     budget = spec.budget
     method = None if spec.method == "none" else make_method(spec.method, **dict(spec.options))
     plan = method.plan(model.n_layers, n, budget) if method else None
     tokens_per_layer = plan.tokens_per_layer if plan else (n,) * model.n_layers
-    stages = tuple(tuple(s) for s in plan.stages) if plan else ()
     decoder = Decoder.of(model, method, plan, n)
     graphs = decoder.graphs()
     tokenizer = loaded.processor.tokenizer
     length = n + spec.max_text_tokens
-    batch = fit_capacity(make_batch(loaded, demo_image(0, loaded.resolution[::-1]), "Describe the image."), length)
+    batch = on_meta(fit_capacity(make_batch(loaded, demo_image(0, loaded.resolution[::-1]), "Describe the image."),
+                                 length))
     cache_len = [length - n + k + spec.max_new_tokens for k in tokens_per_layer]
 
-    with staging_directory(target) as staging:   # sweeps what killed builds left; removed on failure
-        table = model.embed_tokens.weight.detach()
+    with staging_directory(target) as staging, out_of_disk(out_root, need):   # removed on failure
+        table = loaded.weights.tensor(weights.hf_names[id(model.embed_tokens.weight)])
         table.contiguous().numpy().tofile(staging / TABLE_FILE)
-        io = {}
+        table_shape, table_dtype = list(table.shape), _DTYPE_NAMES[table.dtype]
+        del table                 # 1 GB at 7B: not held while the graphs are written
+        io, stored = {}, {}
         for graph, module, args, dynamic in graph_jobs(model, decoder, method, loaded, batch, length, cache_len,
                                                        native=spec.select == "native"):
             name = graph["name"]
             progress(f"exporting {name} graph ...")
             named = decoder.tensors(graph)
-            program = export_program(module, args, names(named[0]), names(named[1]), dynamic)
-            io[name] = graph_io(program.model_proto, named)
-            save(program, staging / f"{name}.onnx", external_data=spec.external_data or None)
-            del program
+            program = export_program(module, args, names(named[0]), names(named[1]), dynamic, weights=weights)
+            io[name] = graph_io(program.model, named)
             if spec.quant != "none" and graph["kind"] == "segment":   # selects keep their float q/k/v copy
-                progress(f"quantizing {name} to {spec.quant} ...")
-                quantize_segment(staging / f"{name}.onnx", spec.quant, external_data=spec.external_data or None)
+                progress(f"quantizing {name} to {spec.quant} as it is written ...")
+                quantize_matmuls(program.model, spec.quant)
+            stored[name] = save_ir(program.model, staging / f"{name}.onnx")
+            del program
         save_processor(loaded.processor, staging)
+        peak = {"export": peak_rss_bytes()}
         tensorrt = None
         if spec.backend == "tensorrt":
             from iwp.engine_format import GraphInfo
@@ -191,6 +217,7 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             tensorrt = build_plans(staging, infos, {"max_prompt": length, "n_visual": n,
                                                     "tokens_per_layer": list(tokens_per_layer)},
                                    progress, workspace_gb=spec.trt_workspace_gb)
+            peak["tensorrt"] = peak_rss_bytes()
         d, m = model_dims(loaded.model)
         full = prefill_flops((n,) * model.n_layers, d, m)
         cfg = loaded.model.config.text_config
@@ -219,10 +246,10 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
             "files": {p.name: sha256(p) for p in sorted(staging.iterdir()) if p.is_file()},
             "spec": dataclasses.asdict(spec),
             "graphs": graphs,
-            "token_table": {"file": TABLE_FILE, "shape": list(table.shape), "dtype": _DTYPE_NAMES[table.dtype],
-                            "tied": decoder.tied},
-            "weights": weight_bytes(loaded.model, staging, graphs, stages, model),
+            "token_table": {"file": TABLE_FILE, "shape": table_shape, "dtype": table_dtype, "tied": decoder.tied},
+            "weights": weight_bytes(loaded.model, staging, stored, graphs, model),
             "io": {name: dataclasses.asdict(graph) for name, graph in io.items()},
+            "build": {"seconds": round(time.perf_counter() - started, 1), "peak_rss_bytes": peak},
         }
         # through the reader: an engine whose manifest the runtime would refuse is never written
         typed = EngineManifest.from_dict(json.loads(json.dumps(manifest)), staging)
@@ -232,29 +259,14 @@ def build(spec: EngineSpec, out_root: Path = Path("engines"), progress=print) ->
 
 
 TABLE_FILE = "token_table.bin"
-_PACKED_4BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
 
 
-def weight_bytes(hf, directory: Path, graphs: list[dict], stages, model) -> dict:
+def weight_bytes(hf, directory: Path, stored: dict[str, int], graphs: list[dict], model) -> dict:
     """Distinct parameter bytes of the model (tied ones once) against the bytes the engine stores: every
-    graph's initializers and the token table; each select's copy of its layer's norm and q/k/v is named."""
-    seen, distinct = set(), 0
-    for p in hf.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            distinct += p.numel() * p.element_size()
-    stored = (directory / TABLE_FILE).stat().st_size
-    for graph in graphs:
-        proto = onnx.load(str(directory / f"{graph['name']}.onnx"), load_external_data=False)
-        for init in proto.graph.initializer:
-            count = 1
-            for d in init.dims:
-                count *= d
-            if init.data_type in _PACKED_4BIT:   # two per byte in the file (numpy's int4 itemsize is 1)
-                stored += (count * 4 + 7) // 8
-            else:
-                stored += count * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    graph's initializers as written (int4 packed) and the token table; each select's copy of its layer's norm
+    and q/k/v is named."""
+    distinct = sum(p.numel() * p.element_size() for p in hf.parameters())   # each tied tensor once
     copies = []
     for graph in graphs:
         if graph["kind"] == "select":
@@ -262,7 +274,54 @@ def weight_bytes(hf, directory: Path, graphs: list[dict], stages, model) -> dict
             parts = [layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
             copies.append({"graph": graph["name"], "what": f"layer {graph['layer']} input norm and q/k/v projections",
                            "bytes": sum(p.numel() * p.element_size() for m in parts for p in m.parameters())})
-    return {"distinct_bytes": distinct, "stored_bytes": stored, "copies": copies}
+    return {"distinct_bytes": distinct, "stored_bytes": (directory / TABLE_FILE).stat().st_size + sum(stored.values()),
+            "copies": copies}
+
+
+def estimated_bytes(hf, quant: str) -> int:
+    """About what the engine will store: every parameter once in its dtype, the decoder layers' linear weights
+    at the quantized width plus their scales (one per 128 for int4, one per column for int8)."""
+    from .quantize import INT4_BLOCK, QUANT_BITS
+    total = 0
+    for name, p in hf.named_parameters():
+        size = p.numel() * p.element_size()
+        if quant != "none" and ".layers." in name and "language_model" in name and p.dim() == 2:
+            size = p.numel() * QUANT_BITS[quant] // 8 + (p.numel() // INT4_BLOCK if quant == "int4" else p.shape[0]) \
+                * p.element_size()
+        total += size
+    return total
+
+
+_DISK_MARGIN = 1.05   # graph protos, processor files and the manifest beside the weights
+
+
+def check_disk(out_root: Path, need: int) -> None:
+    out_root = Path(out_root)
+    probe = next((p for p in (out_root, *out_root.resolve().parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if free < need * _DISK_MARGIN:
+        raise ValueError(f"the engine needs about {need * _DISK_MARGIN / 1e9:.1f} GB in {out_root}, which has "
+                         f"{free / 1e9:.1f} GB free; free some space or pass --out on a larger disk")
+
+
+@contextlib.contextmanager
+def out_of_disk(out_root: Path, need: int):
+    """A disk that fills while the weights are written (another writer took the space) is one line too; the
+    staged directory is already gone when it is raised."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise ValueError(f"the disk under {out_root} filled up while the engine was written (it needs about "
+                         f"{need * _DISK_MARGIN / 1e9:.1f} GB); the partial engine was removed; free some space "
+                         f"or pass --out on a larger disk") from None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

@@ -50,7 +50,7 @@ class Decoder:
         """The cut of a model's decoder for a method's plan (None: unpruned, one segment)."""
         stages = tuple(tuple(s) for s in plan.stages) if plan else ()
         ttv_start = getattr(method, "ttv_start", None)
-        tied = model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()   # 0.5b ties, 7b does not
+        tied = model.lm_head.weight is model.embed_tokens.weight   # 0.5b ties, 7b does not
         return cls(model.n_layers, n_visual, stages, tied,
                    (ttv_start, stages[-1][0]) if ttv_start is not None and stages else None)
 
@@ -197,7 +197,7 @@ class SelectGraph(torch.nn.Module):
         alive = extra.get("alive")
         if alive is None:
             alive = torch.arange(self.n_alive, device=hidden.device)[None].expand(b, -1)
-        xy = take(self.visual_xy.expand(b, -1, -1), alive)
+        xy = take(self.visual_xy.to(hidden.device).expand(b, -1, -1), alive)   # a real constant on a meta trace
         ttv = None
         if self.decoder.ttv_layers is not None:
             ttv = extra.get("ttv", torch.zeros(b, self.n_alive, device=hidden.device))
@@ -236,18 +236,23 @@ def graph_jobs(model: PrunedLlavaOnevision, decoder: Decoder, method, loaded, ba
 
 
 def _example_state(model, batch, cache_len: list[int]) -> dict:
-    """The prefill's tensors by role, advanced graph by graph: the example inputs of the next export."""
-    embeds = model.embed(batch)
+    """The prefill's tensors by role, advanced graph by graph: the example inputs of the next export. On a
+    skeleton (meta weights) the embeddings are zeros of their shape: tracing needs shapes, not values."""
+    if batch.input_ids.device.type == "meta":
+        embeds = torch.zeros(*batch.input_ids.shape, model.embed_tokens.weight.shape[1],
+                             dtype=model.embed_tokens.weight.dtype, device="meta")
+    else:
+        embeds = model.embed(batch)
     dtype = embeds.dtype
     caches = {}
     for layer, slots in enumerate(cache_len):
         shape = (1, model.n_kv, slots, model.head_dim)
-        caches[("key", layer)] = torch.zeros(shape, dtype=dtype)
-        caches[("value", layer)] = torch.zeros(shape, dtype=dtype)
-        caches[("valid", layer)] = torch.zeros(1, slots, dtype=torch.bool)
+        caches[("key", layer)] = torch.zeros(shape, dtype=dtype, device=embeds.device)
+        caches[("value", layer)] = torch.zeros(shape, dtype=dtype, device=embeds.device)
+        caches[("valid", layer)] = torch.zeros(1, slots, dtype=torch.bool, device=embeds.device)
     return {"hidden": embeds, "positions": batch.positions, "visual_start": batch.visual_start,
             "query_idx": batch.query_idx, "query_mask": batch.query_mask, "last_idx": batch.last_idx,
-            "offset": torch.tensor(0), **caches}
+            "offset": torch.tensor(0, device=embeds.device), **caches}
 
 
 def _advance(state: dict, outputs: list[tuple], values) -> None:
@@ -295,8 +300,11 @@ def _job(graph: dict, model, decoder, method, loaded, batch, state: dict, table,
 logging.getLogger("onnxscript.optimizer._constant_folding").setLevel(logging.ERROR)
 
 
-def export_program(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_shapes=None):
-    """torch.onnx (dynamo) export with iwp's op translations -> torch.onnx.ONNXProgram."""
+def export_program(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_shapes=None,
+                   weights=None):
+    """torch.onnx (dynamo) export with iwp's op translations -> torch.onnx.ONNXProgram. With `weights`
+    (export/lazy.py's LazyWeights) the module is a skeleton on the meta device and every initializer is read
+    lazily, when the graph is saved."""
     import logging
     import warnings
 
@@ -308,11 +316,15 @@ def export_program(module: torch.nn.Module, args: tuple, input_names, output_nam
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
             module = module.eval()
+            traced = module
             if dynamic_shapes is not None:   # torch.onnx would turn *rest's tuple of shapes into a list
-                module = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-            program = torch.onnx.export(module, args, dynamo=True, input_names=list(input_names),
-                                        output_names=list(output_names),
+                traced = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            program = torch.onnx.export(traced, args, dynamo=True, input_names=list(input_names),
+                                        output_names=list(output_names), optimize=weights is None,
                                         custom_translation_table=custom_translation_table(), verbose=False)
+            if weights is not None:   # the weights made lazy first: the optimizer must never read one
+                weights.apply(program.model, module)
+                program.optimize()
     finally:
         registration.setLevel(level)
     if dynamic_shapes is not None:
@@ -351,15 +363,27 @@ def export(module: torch.nn.Module, args: tuple, input_names, output_names,
     return model
 
 
-def save(program, path, external_data: bool | None = None) -> None:
-    """Write an exported graph, its weights as external data when over 2 GB (or when asked), then check it
-    and run shape inference on the file, which works at any size."""
+def save(program, path, external_data: bool = True) -> int:
+    return save_ir(program.model, path, external_data)
+
+
+def save_ir(model, path, external_data: bool = True) -> int:
+    """Write a graph with its weights streamed into `<name>.onnx.data` beside it (`external_data=False`: inside
+    the file, for small test graphs), then check it and run shape inference on the file, which works at any
+    size. Lazy weights are read here, one at a time. Returns the initializers' bytes as stored (int4 packed)."""
     from pathlib import Path
+
+    import onnx_ir as ir
     path = Path(path)
-    program.save(path, external_data=external_data)
+    stored = sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
+    if external_data:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        ir.save(model, path)
     onnx.checker.check_model(str(path))
     inferred = path.with_name(path.name + ".inferred")
     try:
         onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
     finally:
         inferred.unlink(missing_ok=True)
+    return stored

@@ -23,7 +23,7 @@ class EngineSpec:
     model_path: str | None = None
     random_weights: bool = False
     options: tuple = ()            # method options as sorted (name, value) pairs
-    external_data: bool = False    # weights in a side file even under 2 GB (over 2 GB they always are)
+    external_data: bool = False    # a settings-hash input only: every graph now streams its weights to a side file
     backend: str = "onnxruntime"   # or "tensorrt": also build a .plan per graph (export/tensorrt.py)
     trt_workspace_gb: float | None = None   # TensorRT builder's tactic workspace cap in GiB (None: TensorRT's)
     quant: str = "none"            # int8: per channel; int4: block 128; both symmetric, round to nearest
@@ -36,6 +36,9 @@ class EngineSpec:
         if self.quant not in QUANT_NAMES:
             raise ValueError(f"QUANT={self.quant} is not one of {', '.join(QUANT_NAMES)}; pass one of them, "
                              "e.g. QUANT=int4 (weight-only int4, block 128)")
+        if self.quant == "int4" and self.backend == "tensorrt" and self.dtype != "fp16":
+            raise ValueError("QUANT=int4 on TensorRT is W4A16: its int4 weight-only GEMMs take fp16 activations; "
+                             "pass DTYPE=fp16 (or BACKEND=onnxruntime)")
         if self.select not in ("plugin", "native"):
             raise ValueError(f"SELECT={self.select} is not one of plugin, native")
         if self.backend not in ("onnxruntime", "tensorrt"):

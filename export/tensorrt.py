@@ -61,6 +61,36 @@ def resolve_backend(backend: str, say=print) -> str:
                      "or use BACKEND=onnxruntime")
 
 
+AMPERE = (8, 0)   # TensorRT's int4 weight-only GEMMs: Ampere and later (Orin is sm_87)
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """The first CUDA device's compute capability through the CUDA runtime TensorRT links, or None when there
+    is no CUDA runtime or device here."""
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"):
+        try:
+            cudart = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    # cudaDevAttrComputeCapabilityMajor = 75, ...Minor = 76
+    if cudart.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0) or cudart.cudaDeviceGetAttribute(
+            ctypes.byref(minor), 76, 0):
+        return None
+    return major.value, minor.value
+
+
+def check_quant(quant: str, capability: tuple[int, int] | None) -> None:
+    """QUANT=int4 on a GPU older than Ampere: TensorRT refuses its int4 weights, so say so before any work."""
+    if quant == "int4" and capability is not None and tuple(capability) < AMPERE:
+        raise ValueError(f"QUANT=int4 needs an Ampere or later GPU (compute capability 8.0+; Orin is 8.7), and "
+                         f"this one is {capability[0]}.{capability[1]}, where TensorRT refuses int4 weights; "
+                         f"use QUANT=int8 or QUANT=none")
+
+
 def plugin_path() -> Path:
     root = Path(__file__).resolve().parents[1]
     path = Path(os.environ.get("IWP_TRT_PLUGIN", root / "build" / "plugins" / PLUGIN_LIBRARY))

@@ -172,6 +172,13 @@ class Weights:
 
 
 @dataclass(frozen=True)
+class BuildInfo:
+    seconds: float                   # the build's wall time
+    peak_rss_bytes: dict[str, int]   # the building process's peak resident memory by the end of each phase
+                                     # (export; tensorrt when it builds plans): what `make engine` needs
+
+
+@dataclass(frozen=True)
 class TensorRTInfo:
     version: str
     plugin: str
@@ -207,6 +214,7 @@ class EngineManifest:
     token_table: TokenTable
     weights: Weights
     io: dict[str, GraphIO]         # by graph name
+    build: BuildInfo | None = None   # how much the build took (None: not recorded)
     directory: str = field(default="", compare=False)   # where it was read from (errors name it); not written
 
     def find(self, graph: str, kind: str, role: str, layer: int | None = None, stage: int | None = None) -> TensorSpec:

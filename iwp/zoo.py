@@ -119,6 +119,7 @@ class Loaded:
     model: LlavaOnevisionForConditionalGeneration
     processor: ImageProcessor
     source: str                       # where the weights came from, for the manifest
+    weights: object = None            # lazy loads: the weight source (iwp/weight_source.py); the model is a skeleton
 
     @property
     def image_size(self) -> int:
@@ -171,6 +172,16 @@ def _build_random(config: LlavaOnevisionConfig, seed: int, dtype: torch.dtype):
     return LlavaOnevisionForConditionalGeneration(config).to(dtype).eval()
 
 
+def _in_memory(model, identity: str, lazy: bool):
+    """A model built in memory (a few MB), as itself or, lazily, as a skeleton over its own tensors."""
+    if not lazy:
+        return model, None
+    from .weight_source import InMemory, parameters_to_meta
+    source = InMemory(model, identity)
+    parameters_to_meta(model)
+    return model, source
+
+
 def _checkpoint_dir(spec: ModelSpec, model_path: str | None) -> Path:
     hint = (f"download {spec.hf_id} on a connected machine (`hf download {spec.hf_id}`) and pass "
             f"MODEL_PATH=<dir>, or set RANDOM_WEIGHTS=1 for the real-size architecture with random weights")
@@ -188,7 +199,10 @@ def _checkpoint_dir(spec: ModelSpec, model_path: str | None) -> Path:
 
 
 def load(name: str, *, grid: str | None = None, model_path: str | None = None,
-         random_weights: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
+         random_weights: bool = False, dtype: torch.dtype = torch.float32, lazy: bool = False) -> Loaded:
+    """A preset's model and processor. `lazy`: the model is a skeleton (meta parameters, real buffers) and
+    `Loaded.weights` reads each tensor when asked, so a 7B model is never held whole (the exporter's way)."""
+    from .weight_source import SeededRandom, materialize, skeleton
     spec = get_spec(name, grid)
     if spec.bundled:
         if model_path or random_weights:
@@ -196,15 +210,15 @@ def load(name: str, *, grid: str | None = None, model_path: str | None = None,
         path = bundled_dir(name)
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"{name} has no weights in {path}; train them with `make train`")
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        return Loaded(spec, model.eval(), processor_from_checkpoint(path), str(path))
+        return _from_checkpoint(spec, path, dtype, lazy)
     if spec.hf_id is None:
         if model_path:
             raise ValueError(f"{name} is built locally from a seed; drop MODEL_PATH or pick a real model")
         processor = local_processor(TINY_IMAGE_SIZE, TINY_PATCH, all_pinpoints(TINY_IMAGE_SIZE))
         tok = processor.tokenizer
         config = tiny_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>"))
-        return Loaded(spec, _build_random(config, TINY_SEED, dtype), processor, f"seed:{TINY_SEED}")
+        model, source = _in_memory(_build_random(config, TINY_SEED, dtype), f"seed:{TINY_SEED}", lazy)
+        return Loaded(spec, model, processor, f"seed:{TINY_SEED}", source)
     if random_weights:
         stored = json.loads((CONFIG_DIR / f"{name}.json").read_text())
         vision = stored["vision_config"]
@@ -213,7 +227,23 @@ def load(name: str, *, grid: str | None = None, model_path: str | None = None,
         stored.update(image_token_index=tok.convert_tokens_to_ids("<image>"),
                       video_token_index=tok.convert_tokens_to_ids("<video>"))
         config = LlavaOnevisionConfig(**{k: v for k, v in stored.items() if k not in ("architectures", "model_type")})
-        return Loaded(spec, _build_random(config, 0, dtype), processor, f"random:{spec.hf_id}")
-    path = _checkpoint_dir(spec, model_path)
+        # tensor by tensor from a seed: a real-size random model is never built whole unless asked (not lazy)
+        model = skeleton(config, dtype)
+        source = SeededRandom(model if lazy else skeleton(config, dtype), RANDOM_SEED)
+        if not lazy:
+            materialize(model, source)
+        return Loaded(spec, model, processor, f"random:{spec.hf_id}", source if lazy else None)
+    return _from_checkpoint(spec, _checkpoint_dir(spec, model_path), dtype, lazy)
+
+
+RANDOM_SEED = 0
+
+
+def _from_checkpoint(spec: ModelSpec, path: Path, dtype: torch.dtype, lazy: bool) -> Loaded:
+    from .weight_source import Checkpoint, skeleton
+    processor = processor_from_checkpoint(path)
+    if lazy:   # the safetensors memory-mapped, read tensor by tensor; shapes checked here, before any work
+        model = skeleton(LlavaOnevisionConfig.from_pretrained(path), dtype)
+        return Loaded(spec, model, processor, str(path), Checkpoint(path, model, dtype))
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return Loaded(spec, model.eval(), processor_from_checkpoint(path), str(path))
+    return Loaded(spec, model.eval(), processor, str(path))

@@ -60,6 +60,11 @@ def _dequantized(model):
     return out
 
 
+def _file_bytes(directory, name):
+    """A graph's bytes on disk: the .onnx and its weights' side file."""
+    return sum(p.stat().st_size for p in (directory / f"{name}.onnx", directory / f"{name}.onnx.data") if p.exists())
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_segments_carry_dequantize_into_matmul_and_no_float_copy(engines, quant):
     for name in _segments(engines[quant]):
@@ -124,8 +129,8 @@ def test_quantized_engines_store_fewer_bytes_and_the_manifest_counts_int4_packed
         assert manifest.weights.stored_bytes == float_manifest.weights.stored_bytes - fp32 + quantized
         assert manifest.spec["quant"] == quant
         assert fp32 / quantized >= (3 if quant == "int4" else 2)
-        on_disk = {name: (engines[quant] / f"{name}.onnx").stat().st_size for name in _segments(engines[quant])}
-        before = {name: (engines["none"] / f"{name}.onnx").stat().st_size for name in on_disk}
+        on_disk = {name: _file_bytes(engines[quant], name) for name in _segments(engines[quant])}
+        before = {name: _file_bytes(engines["none"], name) for name in on_disk}
         assert all(on_disk[name] < before[name] for name in on_disk)
         print(f"\n{quant}: linear weights {fp32} -> {quantized} bytes ({fp32 / quantized:.2f}x); segments on disk "
               f"{sum(before.values())} -> {sum(on_disk.values())}; stored_bytes "
@@ -209,7 +214,7 @@ def test_onnx_runtime_fuses_each_dequantize_matmul_into_matmulnbits(engines, qua
         options.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
         options.log_severity_level = 3   # its warning that the optimized file is for this machine only
         ort.InferenceSession(str(engines[quant] / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node]
         assert "DequantizeLinear" not in ops
         assert ops.count("MatMulNBits") == len(_linear_weights(_graph(engines["none"], name)))
 
@@ -253,3 +258,16 @@ def test_real_model_shapes_quantize_block_by_block(quant, tmp_path):
     default = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"h0": x})[0]
     print(f"\n{quant}: ONNX Runtime's default accuracy level moves the output by "
           f"{np.abs(default - expected).max() / np.abs(expected).max():.2%} of its largest value")
+
+
+def test_int4_on_tensorrt_is_refused_in_one_line_where_it_cannot_run():
+    from iwp.export.tensorrt import check_quant
+    with pytest.raises(ValueError, match=r"QUANT=int4 on TensorRT is W4A16: .* pass DTYPE=fp16"):
+        EngineSpec("tiny-llava-ov", "iwp", 64, quant="int4", backend="tensorrt")
+    EngineSpec("tiny-llava-ov", "iwp", 64, quant="int4", dtype="fp16", backend="tensorrt")
+    with pytest.raises(ValueError, match=r"QUANT=int4 needs an Ampere or later GPU \(compute capability 8\.0\+; "
+                                         r"Orin is 8\.7\), and this one is 7\.5, .* use QUANT=int8 or QUANT=none"):
+        check_quant("int4", (7, 5))
+    check_quant("int4", (8, 7))      # Orin
+    check_quant("int8", (7, 5))
+    check_quant("int4", None)        # no CUDA here: the TensorRT build says what it finds

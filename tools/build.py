@@ -77,3 +77,8 @@ def command(args) -> None:
           f"({1 - f.ratio:.1%} saved)")
     answer = pipeline.processor.tokenizer.decode(tokens, skip_special_tokens=True)
     print(f"answer    {answer!r}  ({len(tokens)} tokens in {elapsed:.2f}s, ONNX Runtime)")
+    if m.build is not None:
+        from iwp.export.engine import peak_rss_bytes
+        phases = ", ".join(f"{phase} {peak / 1e9:.2f} GB" for phase, peak in m.build.peak_rss_bytes.items())
+        print(f"memory    peak RSS: {phases} (when built); {peak_rss_bytes() / 1e9:.2f} GB in this process "
+              f"after the smoke generation")
