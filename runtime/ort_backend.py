@@ -79,15 +79,21 @@ class Graphs:
 class OrtBackend(CoreBackend):
     """The ONNX Runtime backend of the runtime core's decode loop. One step embeds the token and runs every
     segment over it (T = 1) at cache slot `its prefill length + step`, each segment reading its layers' past
-    set of the arena and writing their present set in place (IOBinding, no copies of the caches). The
-    observer gets the bound arrays: the arena's buffers themselves, overwritten by later steps."""
+    set of the arena and writing their present set in place (IOBinding, no copies of the caches).
+
+    Every input and output of a step lives in a buffer bound once: the token, the position and each
+    segment's offset are small arrays written in place, each segment's hidden input is the previous graph's
+    output buffer, and each segment has one binding per arena set (the sets swap every step), made on first
+    use. So a step binds nothing. The observer gets the bound arrays: buffers overwritten by later steps."""
 
     def __init__(self, graphs: Graphs, prompt_len: int):
         CoreBackend.__init__(self)
         m = graphs.manifest
         self.graphs, self._vocab = graphs, m.model.vocab_size
-        self._token = m.find("embed", "inputs", "token_ids")
-        self._embeds = m.find("embed", "outputs", "embeddings").name
+        self._token = np.zeros((1, 1), dtype=numpy_dtype(m.find("embed", "inputs", "token_ids")))
+        embeds = m.find("embed", "outputs", "embeddings")
+        self._embeds = np.empty((1, 1, m.model.hidden_size), dtype=numpy_dtype(embeds))
+        self._position = np.zeros((1, 1), dtype=numpy_dtype(m.find("segment.0", "inputs", "positions")))
         self._segments = []
         for segment in m.segments():
             last = segment.layers[1] == m.model.n_layers
@@ -95,43 +101,60 @@ class OrtBackend(CoreBackend):
             shape = (1, m.model.vocab_size) if last else (1, 1, m.model.hidden_size)
             self._segments.append((segment.name, m.segment_prefill_len(segment, prompt_len),
                                    m.caches(segment.name, "inputs"), m.caches(segment.name, "outputs"),
-                                   out.name, np.empty(shape, dtype=numpy_dtype(out))))   # written in place
-        self._positions = m.find("segment.0", "inputs", "positions")
+                                   out.name, np.empty(shape, dtype=numpy_dtype(out)),   # written in place
+                                   np.zeros((), dtype=np.int64)))                        # the offset, 0-d
+        self._embed_binding = self._bind("embed", {"token_ids": self._token, "token_table": graphs.token_table},
+                                         {embeds.name: self._embeds})
+        self._bindings = {}   # (segment index, the arena's past set) -> (binding, feeds, outputs)
 
     def vocab(self) -> int:
         return self._vocab
 
+    def _bind(self, graph: str, inputs: dict, outputs: dict, caches: tuple = ()):
+        """An IOBinding of `graph` over fixed buffers: inputs by role, outputs by name, caches as
+        (specs, arena set) pairs; any other output (TransPrune's transitions) ORT allocates per run."""
+        m, session = self.graphs.manifest, self.graphs.sessions[graph]
+        binding, feeds, bound = session.io_binding(), {}, dict(outputs)
+        for spec in m.io[graph].inputs:
+            if spec.layer is None:
+                feeds[spec.name] = inputs[spec.role]
+                _bind(binding.bind_input, spec.name, inputs[spec.role])
+        for specs, arena, which, is_input in caches:
+            for spec in specs:
+                buffer = arena_buffer(arena, which, spec.layer, spec.role)
+                (feeds if is_input else bound)[spec.name] = buffer
+                _bind(binding.bind_input if is_input else binding.bind_output, spec.name, buffer)
+        for name, buffer in outputs.items():
+            _bind(binding.bind_output, name, buffer)
+        for spec in m.io[graph].outputs:
+            if spec.name not in bound:
+                binding.bind_output(spec.name, "cpu")
+        return binding, feeds, bound
+
+    def _run(self, graph: str, bound) -> None:
+        binding, feeds, outputs = bound
+        start = time.perf_counter()
+        self.graphs.sessions[graph].run_with_iobinding(binding)
+        if self.graphs.observer is not None:
+            self.graphs.report(graph, feeds, outputs, time.perf_counter() - start)
+
     def decode(self, token: int, position: int, step: int, arena) -> np.ndarray:
-        graphs, m = self.graphs, self.graphs.manifest
-        hidden = graphs.run("embed", {"token_ids": np.array([[token]], dtype=numpy_dtype(self._token))})[self._embeds]
-        positions = np.array([[position]], dtype=numpy_dtype(self._positions))
-        for name, fill, past, present, out_name, out in self._segments:
-            start = time.perf_counter()
-            session = graphs.sessions[name]
-            binding = session.io_binding()
-            feeds = graphs.feeds(name, {"hidden": hidden, "positions": positions,
-                                        "offset": np.array(fill + step, dtype=np.int64),
-                                        **{(spec.role, spec.layer): None for spec in past}})
-            for spec in m.io[name].inputs:
-                if spec.layer is None:
-                    feeds[spec.name] = np.asarray(feeds[spec.name], order="C")   # 0-d stays 0-d (the offset)
-                    binding.bind_cpu_input(spec.name, feeds[spec.name])
-            bound = {}
-            for specs, which, bind in ((past, arena.past, binding.bind_input),
-                                       (present, arena.present, binding.bind_output)):
-                for spec in specs:
-                    buffer = arena_buffer(arena, which, spec.layer, spec.role)
-                    bind(spec.name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
-                    bound[spec.name] = buffer
-            binding.bind_output(out_name, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
-            for spec in m.io[name].outputs:   # anything else (TransPrune's transitions) ORT allocates
-                if spec.name != out_name and spec.layer is None:
-                    binding.bind_output(spec.name, "cpu")
-            session.run_with_iobinding(binding)
-            seconds = time.perf_counter() - start
-            if graphs.observer is not None:
-                feeds.update((spec.name, bound[spec.name]) for spec in past)
-                outputs = {out_name: out, **{spec.name: bound[spec.name] for spec in present}}
-                graphs.report(name, feeds, outputs, seconds)
+        self._token[0, 0], self._position[0, 0] = token, position
+        self._run("embed", self._embed_binding)
+        hidden = self._embeds
+        for i, (name, fill, past, present, out_name, out, offset) in enumerate(self._segments):
+            offset[()] = fill + step
+            key = (i, arena.past)
+            if key not in self._bindings:
+                self._bindings[key] = self._bind(
+                    name, {"hidden": hidden, "positions": self._position, "offset": offset,
+                           "token_table": self.graphs.token_table}, {out_name: out},
+                    ((past, arena, arena.past, True), (present, arena, arena.present, False)))
+            self._run(name, self._bindings[key])
             hidden = out
         return hidden.reshape(-1)
+
+
+def _bind(bind, name: str, array: np.ndarray) -> None:
+    """Bind a host array by address: ONNX Runtime reads (or writes) it at run time, so writes in place count."""
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
