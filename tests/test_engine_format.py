@@ -46,6 +46,7 @@ def valid(n_layers: int = 2) -> dict:
         "token_table": {"file": "token_table.bin", "shape": [11, 8], "dtype": "float32", "tied": True},
         "weights": {"distinct_bytes": 100, "stored_bytes": 104,
                     "copies": [{"graph": "select.0", "what": "layer 1 q/k/v", "bytes": 4}]},
+        "build": {"seconds": 12.5, "peak_rss_bytes": {"export": 1 << 30}},
         "io": {
             "embed": {"inputs": [_tensor("ids", "token_ids", (1, "tokens"), "int64"),
                                  _tensor("table", "token_table", (11, 8))],

@@ -173,6 +173,8 @@ def test_the_estimate_is_what_an_engine_stores(tmp_path):
     from iwp.export.spec import EngineSpec
     for quant in ("none", "int4"):
         directory = build(EngineSpec("tiny-llava-ov", "iwp", 64, quant=quant), tmp_path, progress=lambda _: None)
-        stored = EngineManifest.read(directory).weights.stored_bytes
+        manifest = EngineManifest.read(directory)
+        stored = manifest.weights.stored_bytes
+        assert manifest.build.seconds > 0 and manifest.build.peak_rss_bytes["export"] > 100e6   # recorded
         estimate = estimated_bytes(load("tiny-llava-ov", lazy=True).model, quant)
         assert 0.9 * stored <= estimate <= 1.2 * stored, (quant, estimate, stored)
