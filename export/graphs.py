@@ -375,9 +375,10 @@ def save_ir(model, path, external_data: bool = True) -> int:
 
     import onnx_ir as ir
     path = Path(path)
-    stored = sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
-    if external_data:
-        ir.save(model, path, external_data=f"{path.name}.data")
+    sizes = [int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None]
+    stored = sum(sizes)
+    if external_data and any(size >= _INLINE_UNDER for size in sizes):   # a graph of no weights gets no side file
+        ir.save(model, path, external_data=f"{path.name}.data", size_threshold_bytes=_INLINE_UNDER)
     else:
         ir.save(model, path)
     onnx.checker.check_model(str(path))
@@ -387,3 +388,6 @@ def save_ir(model, path, external_data: bool = True) -> int:
     finally:
         inferred.unlink(missing_ok=True)
     return stored
+
+
+_INLINE_UNDER = 256   # bytes: smaller tensors (shapes, scalars) stay in the .onnx, as onnx_ir does by default
