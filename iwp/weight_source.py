@@ -67,14 +67,15 @@ def parameter_names(model) -> dict[str, torch.Size]:
 
 
 def is_meta(model) -> bool:
-    return any(p.device.type == "meta" for p in model.parameters())
+    """A skeleton: every parameter on the meta device."""
+    return all(p.device.type == "meta" for p in model.parameters())
 
 
 class SeededRandom:
     def __init__(self, model, seed: int):
         # its own skeleton, never materialized: an owner's init may touch its children (SigLIP's pooling head
         # initialises its attention's weights), which must stay meta for every read to give the same values
-        if not all(p.device.type == "meta" for p in model.parameters()):
+        if not is_meta(model):
             raise ValueError("SeededRandom reads from a skeleton (iwp.weight_source.skeleton), not a built model")
         self.model, self.seed = model, seed
         self.dtype = next(model.parameters()).dtype

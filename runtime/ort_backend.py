@@ -118,14 +118,14 @@ class OrtBackend(CoreBackend):
         for spec in m.io[graph].inputs:
             if spec.layer is None:
                 feeds[spec.name] = inputs[spec.role]
-                _bind(binding.bind_input, spec.name, inputs[spec.role])
+                _bind_address(binding.bind_input, spec.name, inputs[spec.role])
         for specs, arena, which, is_input in caches:
             for spec in specs:
                 buffer = arena_buffer(arena, which, spec.layer, spec.role)
                 (feeds if is_input else bound)[spec.name] = buffer
-                _bind(binding.bind_input if is_input else binding.bind_output, spec.name, buffer)
+                _bind_address(binding.bind_input if is_input else binding.bind_output, spec.name, buffer)
         for name, buffer in outputs.items():
-            _bind(binding.bind_output, name, buffer)
+            _bind_address(binding.bind_output, name, buffer)
         for spec in m.io[graph].outputs:
             if spec.name not in bound:
                 binding.bind_output(spec.name, "cpu")
@@ -155,6 +155,6 @@ class OrtBackend(CoreBackend):
         return hidden.reshape(-1)
 
 
-def _bind(bind, name: str, array: np.ndarray) -> None:
+def _bind_address(bind, name: str, array: np.ndarray) -> None:
     """Bind a host array by address: ONNX Runtime reads (or writes) it at run time, so writes in place count."""
     bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
