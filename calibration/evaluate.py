@@ -158,6 +158,27 @@ class Setting:
     note: str = ""                  # why it cannot run at this budget
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion (it stays inside [0, 1] near 0 and 1)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> dict:
+    """mean(a - b) over the same questions, with its 95% interval (normal approximation of the paired
+    differences) and whether the interval excludes 0."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a paired difference needs two equal, non-empty score lists, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    low, high = mean - z * sd / n ** 0.5, mean + z * sd / n ** 0.5
+    return {"difference": mean, "low": low, "high": high, "significant": low > 0 or high < 0}
+
+
 def budgets_from_fractions(fractions: Sequence[float], n_visual: int) -> list[int]:
     for f in fractions:
         if not 0 < f <= 1:
@@ -195,7 +216,8 @@ def summarize(setting: Setting, predictions: list[str], items: Sequence[Item], m
     for s, it in zip(scores, items):
         by_type.setdefault(it.qtype, []).append(s)
     full = prefill_flops((n_visual,) * n_layers, *dims)
-    row.update(accuracy=sum(scores) / len(scores), by_type={t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+    row.update(accuracy=sum(scores) / len(scores), interval=wilson_interval(sum(scores), len(scores)),
+               scores=scores, by_type={t: sum(v) / len(v) for t, v in sorted(by_type.items())},
                tokens_per_layer=list(tokens), flops_ratio=prefill_flops(tokens, *dims) / full,
                predictions=predictions)
     return row
@@ -226,9 +248,14 @@ def sweep(loaded: Loaded, items: Sequence[Item], methods: Sequence[str], budgets
     dims = model_dims(loaded.model)
     rows = [summarize(s, preds.get(id(s), []), items, metric, dims, model.n_layers, n) for s in settings]
     unpruned = rows[0]["accuracy"]
+    iwp = {r["budget"]: r for r in rows if r["method"] == "iwp" and not r["note"]}
     for row in rows:
         if not row["note"]:
             row["retention"] = row["accuracy"] / unpruned if unpruned else float("nan")
+            # each method against unpruned and against IWP at the same budget, on the same questions
+            row["vs_none"] = paired_difference(row["scores"], rows[0]["scores"])
+            if row["method"] not in ("none", "iwp") and row["budget"] in iwp:
+                row["vs_iwp"] = paired_difference(row["scores"], iwp[row["budget"]]["scores"])
     types: dict[str, int] = {}
     for it in items:
         types[it.qtype] = types.get(it.qtype, 0) + 1

@@ -49,6 +49,21 @@ def test_engine_builds_and_reports_kept_tokens_flops_and_answer(capsys, tmp_path
     assert code == 0, err                                  # any seed: taken modulo 2**64, as in the C++ core
 
 
+def test_a_default_engine_is_ovqa_small_answering_an_ovqa_test_question(capsys, tmp_path):
+    from iwp.calibration import ovqa
+    from iwp.tools.build import SMOKE_QUESTION
+    example = ovqa.example("test", SMOKE_QUESTION)
+    code, out, _ = run(capsys, "engine", "--max-new-tokens", "4", "--out", str(tmp_path))
+    assert code == 0
+    (engine,) = tmp_path.iterdir()
+    assert engine.name.startswith("ovqa-small-iwp-b64-1x1-")
+    assert f"question  {example.question!r} about OVQA test scene {SMOKE_QUESTION}" in out
+    answer = next(line for line in out.splitlines() if line.startswith("answer"))
+    assert f", expected {example.answer!r}" in answer
+    code, out, _ = run(capsys, "engine", "--max-new-tokens", "4", "--prompt", "Describe the scene.", "--out", str(tmp_path))
+    assert code == 0 and "expected" not in out and "question  " not in out   # a prompt of one's own: no expected answer
+
+
 def test_engines_that_differ_in_any_input_get_their_own_directory(tmp_path):
     from iwp.export.engine import EngineSpec, engine_name
     base = EngineSpec("tiny-llava-ov", "iwp", 64)
@@ -77,7 +92,7 @@ def _png(tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--budget", "0"], "must be a positive integer"),
     (["--budget", "1.5"], "must be a positive integer"),
-    (["--budget", "400"], "above the 336 visual tokens"),
+    (["--budget", "600"], "above the 528 visual tokens"),   # the default model, ovqa-small
     (["--method", "magic"], "unknown method 'magic'"),
     (["--model", "gpt-5"], "unknown model 'gpt-5'"),
     (["--option", "lam=2"], "lam must be in [0, 1]"),
@@ -162,5 +177,6 @@ def test_the_readmes_engine_names_are_the_ones_a_default_build_gets():
     from pathlib import Path
     from iwp.export.engine import EngineSpec, engine_name
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"engines/{engine_name(EngineSpec('ovqa-small', 'iwp', 64), '1x1')} " in readme   # the default build
     assert f"engines/{engine_name(EngineSpec('tiny-llava-ov', 'iwp', 64), '2x2')} " in readme
     assert f"engines/{engine_name(EngineSpec('tiny-llava-ov', 'none'), '2x2')}" in readme

@@ -16,6 +16,20 @@ SPEC_FLAGS = {"max_text_tokens": "max_text_tokens", "max_new_tokens": "max_new_t
               "quant": "quant"}
 
 
+DEMO_PROMPT = "What is in the image?"
+SMOKE_QUESTION = 0       # the OVQA test question ovqa-small answers when no image or prompt is given
+
+
+def smoke_input(args):
+    """(image, prompt, expected answer or None) of the smoke generation: what was given, else for ovqa-small an
+    OVQA test scene with its question and answer, else the demo scene and a generic prompt."""
+    if args.model == "ovqa-small" and args.image is None and args.prompt is None:
+        from iwp.calibration import ovqa
+        example = ovqa.example("test", SMOKE_QUESTION)
+        return example.image(), example.question, example.answer
+    return args.image, args.prompt if args.prompt is not None else DEMO_PROMPT, None
+
+
 def spec_default(field: str):
     from iwp.export.spec import EngineSpec
     return next(f.default for f in dataclasses.fields(EngineSpec) if f.name == field)
@@ -29,7 +43,8 @@ def engine_spec(args):
     from iwp.zoo import get_spec
 
     spec = get_spec(args.model, args.grid)
-    check_prompt(args.prompt)
+    if args.prompt is not None:
+        check_prompt(args.prompt)
     if args.image:
         from iwp.inputs import load_image
         load_image(args.image)  # an unreadable image fails now, not after the export
@@ -58,9 +73,10 @@ def command(args) -> None:
     built = time.perf_counter() - start
     pipeline = Pipeline.from_engine(directory)
     m, method = pipeline.manifest, pipeline.manifest.method
-    image = args.image or demo_image(0, tuple(m.model.resolution[::-1]))
+    image, prompt, expected = smoke_input(args)
+    image = image or demo_image(0, tuple(m.model.resolution[::-1]))
     start = time.perf_counter()
-    tokens, kept = pipeline.generate_ids(image, args.prompt)
+    tokens, kept = pipeline.generate_ids(image, prompt)
     elapsed = time.perf_counter() - start
     size = sum(p.stat().st_size for p in Path(directory).iterdir())
     n = m.model.n_visual
@@ -76,7 +92,11 @@ def command(args) -> None:
     print(f"flops     prefill over visual tokens {f.pruned / 1e9:.3f} of {f.unpruned / 1e9:.3f} GFLOPs "
           f"({1 - f.ratio:.1%} saved)")
     answer = pipeline.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-    print(f"answer    {answer!r}  ({len(tokens)} tokens in {elapsed:.2f}s, ONNX Runtime)")
+    if expected is not None:
+        print(f"question  {prompt!r} about OVQA test scene {SMOKE_QUESTION}")
+        print(f"answer    {answer!r}, expected {expected!r}  ({len(tokens)} tokens in {elapsed:.2f}s, ONNX Runtime)")
+    else:
+        print(f"answer    {answer!r}  ({len(tokens)} tokens in {elapsed:.2f}s, ONNX Runtime)")
     if m.build is not None:
         from iwp.export.engine import peak_rss_bytes
         phases = ", ".join(f"{phase} {peak / 1e9:.2f} GB" for phase, peak in m.build.peak_rss_bytes.items())

@@ -39,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("engine", help="build an engine directory and smoke-test it")
-    add_model_args(p)
+    add_model_args(p, model="ovqa-small")
     p.add_argument("--method", default="iwp", help="iwp, btp, transprune, fastv, dart, divprune, random, none")
     p.add_argument("--option", action="append", default=[], help="method option name=value, repeatable")
-    p.add_argument("--image", default=None, help="smoke-test image (default: a synthetic demo scene)")
-    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--image", default=None, help="smoke-test image (default: ovqa-small answers an OVQA test "
+                                                  "question about its scene; other models a synthetic demo scene)")
+    p.add_argument("--prompt", default=None, help='(default: the OVQA question, or "What is in the image?")')
     # None: EngineSpec's default (export/engine.py), the one home of every build default
     p.add_argument("--max-text-tokens", type=positive_int, default=None,
                    help=f"prompt tokens beside the image (default {spec_default('max_text_tokens')})")

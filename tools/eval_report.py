@@ -34,6 +34,21 @@ def markdown(report: dict) -> str:
         cells = [f"{r['accuracy']:.1%} ({r['retention']:.1%})" if r and not r["note"] else "not run"
                  for r in (at.get((m, b)) for b in budgets)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    low, high = none["interval"]
+    lines[2] = lines[2].replace(f"**{none['accuracy']:.1%}**", f"**{none['accuracy']:.1%}** (95% CI {low:.1%}–{high:.1%})")
+    compared = [r for r in rows if r.get("vs_iwp") or (r["method"] == "iwp" and not r["note"])]
+    if compared:
+        lines += ["", "Paired differences on the same questions, in accuracy points with their 95% interval: each "
+                  "method against IWP at the same budget (IWP's row: against unpruned). **Bold**: the interval "
+                  "excludes 0.", "", f"| method | {head} |", rule]
+        for m in methods:
+            cells = []
+            for b in budgets:
+                r = at.get((m, b))
+                d = r and (r.get("vs_none") if m == "iwp" else r.get("vs_iwp"))
+                text = f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" if d else "—"
+                cells.append(f"**{text}**" if d and d["significant"] else text)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Prefill FLOPs over visual tokens, against unpruned:", "", f"| method | {head} |", rule]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(_cell(at.get((m, b)), "flops_ratio", ".1%") for b in budgets) + " |")

@@ -42,8 +42,9 @@ def method_options(spec, method: str, cli_options: dict) -> dict:
     return {**spec.method_defaults.get(method, {}), **cli_options}
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-llava-ov", help="preset name: tiny-llava-ov, llava-ov-0.5b, llava-ov-7b")
+def add_model_args(p: argparse.ArgumentParser, model: str = "tiny-llava-ov") -> None:
+    p.add_argument("--model", default=model, help=f"preset name: ovqa-small, tiny-llava-ov, llava-ov-0.5b, llava-ov-7b "
+                                                  f"(default {model})")
     p.add_argument("--grid", default=None, help="crop grid RxC beside the base crop (default: the preset's)")
     p.add_argument("--model-path", default=None, help="checkpoint directory (else the HF cache)")
     p.add_argument("--random-weights", action="store_true", help="real-size architecture, random weights")

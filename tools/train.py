@@ -3,31 +3,32 @@ projector, Qwen2 LM), on the OVQA train split, from a seed, on the CPU.
 
 The recipe, and why:
 - A byte-level BPE tokenizer with merges learned on OVQA's train-split text (sign strings left out, so a
-  glyph stays one token): question words and answers become single tokens, the text part of a sequence
-  shrinks about 4x, and the model matches "triangle" to the image instead of first spelling it.
-- Several questions per image, as one multi-turn ChatML conversation with the image in the first turn. The
-  visual tokens are most of the sequence, so each forward pass buys `questions` answers for one image's cost.
-  The first question is the split's own (types cycle, answers balanced), the second asks for a description
-  of the whole scene (every shape, left to right, and the sign), the rest are drawn about the scene.
-- The loss is on the answer tokens and their <|im_end|> only, plus a dense auxiliary loss: a linear head on
-  the vision tower's output classifies every patch of every crop (background, which coloured shape, the
-  sign, which glyph) from the scene's label map. A from-scratch VLM otherwise spends most of a short budget
-  learning to look at the image at all; the head is dropped when the model is saved.
-- A curriculum on the haystack. A model trained from scratch learns to look at a shape only when the shape
-  is a large share of what it attends over: the same model learns "what colour is the shape?" in 25 steps
-  when the shape fills the image and not in 300 when it covers 3% of it. So early steps draw the scenes
-  larger (`zoom_start`) and hide most *background* visual tokens from attention (the attention mask;
-  positions are unchanged, as in the pruned forward); both ease linearly to the benchmark's scenes and whole
-  images at `curriculum_until` of the run, and the rest of training sees exactly what inference sees.
-- A guided head (AttentionGuide): one head of LM layer 2 is told where the question's objects are.
-- RoPE base 1e6, as Qwen2's checkpoints use: with 32-dim heads more rotary pairs turn slowly enough for an
-  answer to find an image token by content a thousand positions back.
-- Both grids: most steps use 1x1 (528 visual tokens, cheap); every `anyres_every`-th step uses 2x2 (1312
-  tokens, the high-res crops), so the model works at both and the glyphs have detail to be read from.
-- AdamW with linear warm-up and cosine decay; bf16 autocast on the CPU (AVX-512 BF16 makes matmuls ~4x
-  faster than fp32); the weights stay fp32 and are saved in fp32.
-- Deterministic: the data are a function of (step, index), the weights of the seed, and the thread count is
-  fixed, so a rerun on the same machine reproduces the weights.
+  glyph stays one token): question words and answers become single tokens.
+- Phase 1, the eye: the vision tower and projector alone learn to describe every visual token, through
+  linear heads on the projector's output (what the LM reads): the patch's class (background, which coloured
+  shape, the sign, which glyph), the shape's size, whether the patch holds a shape's centre (one token per
+  object and crop, so a count is a count of tokens), which of the sign's glyphs it shows, and where it is in
+  its crop. No LM runs, so a step costs a tenth of a full one.
+- Phase 2, the question: several questions per image as one multi-turn ChatML conversation with the image in
+  the first turn (the visual tokens are most of the sequence, so one pass buys `questions` answers). The loss
+  is on the answer tokens and their <|im_end|>, plus the phase-1 heads at `aux_weight`.
+- A curriculum on the haystack that also saves compute: early steps drop most *background* visual tokens
+  from the sequence (the kept ones keep their RoPE positions, as in the pruned forward). A from-scratch LM
+  learns to find a shape by name when the shapes are a large share of what it attends over; the share of
+  background kept eases linearly to all of it at `curriculum_until` of the run, and the rest of training sees
+  exactly what inference sees.
+- Guided heads (GuidedHeads): an in-context lookup ("find the triangle, read its colour") is what a small LM
+  from scratch learns late and abruptly, so its two steps are supervised. At LM layer `words_layer` two
+  heads look from each answer position to the question's naming words; at `image_layer` the same heads look
+  at the visual tokens of the objects named (a spatial question's two shapes, one per head; a reading
+  answer's k-th token at the sign's k-th glyph; a count at one centre token per object and a sink; "Is
+  there...?" at the object or the sink). An early exit reads the answer off `image_layer`'s output through
+  the LM head, so the heads' values learn to carry it. Every other head learns freely. The lookup sits at
+  the layers the pruning methods act from, so pruning removes what it would read.
+- Both grids: most steps use 1x1 (528 visual tokens); every `anyres_every`-th step uses 2x2 (1312).
+- AdamW with linear warm-up and cosine decay; bf16 autocast on the CPU; the weights stay and are saved fp32.
+- Deterministic: the data are a function of (phase, step, index), the weights of the seed, and the thread
+  count is fixed, so a rerun on the same machine reproduces the weights.
 
 Progress is checked on held-out train-split scenes (indices past any the run reads), never on the
 calibration or test split. The output directory is written under a temporary name and renamed into place.
@@ -44,34 +45,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from iwp.calibration import ovqa
 
-IMAGE_SIZE, PATCH = 192, 12          # 16x16 = 256 patches per crop
+from .train_targets import (IMAGE_SIZE, PATCH, centres, glyph_ordinals, patch_instances, patch_targets,
+                            token_order, token_xy)
+
 DEV_OFFSET = 10_000_000              # train-split indices from here on are never trained on
-TEXT_OFFSET = 5_000_000              # the language phase's scenes (text only) start here
+VISION_OFFSET = 5_000_000            # phase 1's scenes start here
+TOKENIZER_VOCAB = 420
+ORDINALS = ovqa.SIGN_LENGTH
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1200
+    vision_steps: int = 1200         # phase 1: the tower and projector on the per-token heads alone
+    steps: int = 3000                # phase 2: everything, on the questions
     batch: int = 8                   # images per step
     questions: int = 8               # turns per image: the split's question, the description, then others
     describe: bool = True            # the second turn describes the whole scene
-    aux_weight: float = 1.0          # the per-patch auxiliary losses: classes, and words
-    align_weight: float = 1.0
-    guide_weight: float = 1.0        # the guided head: see AttentionGuide
-    guide_layer: int = 2             # looks from the question's end and answer to the image
-    words_layer: int = 1             # looks from there to the question's naming words (0 < words_layer < guide_layer)
-    background_start: float = 0.05   # share of background visual tokens visible at step 0 ...
-    zoom_start: float = 2.0          # ... and how much larger shapes and sign are drawn at step 0 ...
-    curriculum_until: float = 0.5    # ... both easing linearly to the benchmark's scenes at this fraction of the run
-    qk_init_std: float = 0.08        # the LM's query/key projections start this large (HF's default is 0.02)
-    lm_layers: int = 6
-    zero_residual: bool = True       # attention and MLP outputs start at zero: each layer starts as identity
-    text_steps: int = 0              # language pretraining: the LM alone, on scenes written as text
-    text_batch: int = 32
+    aux_weight: float = 0.5          # the per-token heads in phase 2
+    background_start: float = 0.05   # share of background visual tokens kept in the sequence at step 0 ...
+    curriculum_until: float = 0.5    # ... easing linearly to all of them at this fraction of phase 2
+    lm_layers: int = 4
+    vision_layers: int = 2
+    glyph_weight: float = 5.0        # glyph classes' weight in the class loss: few tokens, fine detail
+    guide_weight: float = 1.0        # the guided heads: see GuidedHeads
+    exit_weight: float = 0.5         # the answer read off image_layer's output: see GuidedHeads.early_exit
+    words_layer: int = 0             # head 0 looks from each answer to its question's naming words ...
+    image_layer: int = 1             # ... and head 0 here from there to the visual tokens of the objects named
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
@@ -79,23 +83,27 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     dev_examples: int = 100
-    eval_every: int = 300
+    eval_every: int = 500
     bf16: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "batch", "questions", "anyres_every", "threads", "eval_every"):
+        for name in ("steps", "batch", "questions", "anyres_every", "threads", "eval_every", "lm_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.background_start <= 1:
+            raise ValueError(f"train background_start must be in [0, 1], got {self.background_start}")
 
 
-def ovqa_small_config(tokenizer, lm_layers: int = 6):
-    """The architecture: SigLIP 2 x 128 over 12-px patches of 192-px crops, Qwen2 6 x 128 with GQA 4/2."""
+def ovqa_small_config(tokenizer, lm_layers: int = 4, vision_layers: int = 2):
+    """The architecture: SigLIP vision_layers x 128 over 12-px patches of 192-px crops, Qwen2 lm_layers x 128,
+    GQA 4/2."""
     from transformers import LlavaOnevisionConfig
 
     from iwp.zoo import all_pinpoints
     return LlavaOnevisionConfig(
         vision_config=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256,
-                           num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH),
+                           num_hidden_layers=vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
+                           patch_size=PATCH),
         text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
                          num_hidden_layers=lm_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True),
@@ -103,9 +111,6 @@ def ovqa_small_config(tokenizer, lm_layers: int = 6):
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=all_pinpoints(IMAGE_SIZE), vision_feature_layer=-1,
         vision_feature_select_strategy="full", tie_word_embeddings=True)
-
-
-TOKENIZER_VOCAB = 420
 
 
 def tokenizer_corpus(count: int = 1500) -> list[str]:
@@ -118,98 +123,165 @@ def tokenizer_corpus(count: int = 1500) -> list[str]:
     return texts
 
 
+# --- the conversation ---------------------------------------------------------------------------------------
+
 def conversation(example: ovqa.Example, questions: int, rng: random.Random,
-                 describe: bool = True) -> tuple[list[dict], list[str]]:
-    """The chat messages of one image's turns, and each turn's question: the split's question, then (with
-    `describe`) a description of the scene, then questions drawn about the scene."""
-    turns = [(example.question, example.answer)]
+                 describe: bool = True) -> list[tuple[str, str, str]]:
+    """(question, answer, type) of one image's turns: the split's question, then (with `describe`) a
+    description of the scene, then questions drawn about the scene."""
+    turns = [(example.question, example.answer, example.qtype)]
     if describe:
-        turns.append(("Describe the scene.", ovqa.describe(example.scene)))
-    turns += [ovqa.ask(example.scene, rng)[:2] for _ in range(questions - len(turns))]
+        turns.append(("Describe the scene.", ovqa.describe(example.scene), "describe"))
+    turns += [ovqa.ask(example.scene, rng) for _ in range(questions - len(turns))]
+    return turns
+
+
+def chat(turns: list[tuple[str, str, str]]) -> list[dict]:
     messages = []
-    for i, (question, answer) in enumerate(turns):
+    for i, (question, answer, _) in enumerate(turns):
         content = [{"type": "image"}, {"type": "text", "text": question}] if i == 0 else question
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-    return messages, [question for question, _ in turns]
+    return messages
 
 
-def _per_patch(canvas: np.ndarray, grid: int, assign, side: int = IMAGE_SIZE // PATCH) -> np.ndarray:
-    """[1 + grid², side²]: `assign(counts, area)` over each patch's pixel values, for the base crop and then
-    the tiles row by row, as the processor orders its crops."""
-    def crop(region: np.ndarray) -> np.ndarray:
-        q = region.shape[0] // side
-        cells = region.reshape(side, q, side, q).transpose(0, 2, 1, 3).reshape(side * side, q * q).astype(np.int64)
-        counts = np.bincount((np.arange(side * side)[:, None] * 256 + cells).ravel(),
-                             minlength=side * side * 256).reshape(side * side, 256)
-        return assign(counts, q * q)
-    tile = ovqa.CANVAS // grid
-    return np.stack([crop(canvas)] + [crop(canvas[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile])
-                                      for r in range(grid) for c in range(grid)])
-
-
-def patch_labels(scene: ovqa.Scene, grid: int) -> np.ndarray:
-    """[1 + grid², 256] class of each patch of each crop: a glyph where glyph strokes cover >= 5% of the
-    patch, else the shape or sign covering the most of it if >= 15%, else background."""
-    def assign(counts, area):
-        things, glyphs = counts[:, 1:ovqa.SIGN_LABEL + 1], counts[:, ovqa.SIGN_LABEL + 1:ovqa.N_LABELS]
-        label = np.where(things.max(1) >= 0.15 * area, 1 + things.argmax(1), 0)
-        return np.where(glyphs.max(1) >= 0.05 * area, ovqa.SIGN_LABEL + 1 + glyphs.argmax(1), label)
-    return _per_patch(ovqa.render_labels(scene), grid, assign)
-
-
-def patch_instances(scene: ovqa.Scene, grid: int) -> np.ndarray:
-    """[1 + grid², 256]: which shape (1 + its index) or the sign (255) covers >= 15% of each patch, else 0."""
-    def assign(counts, area):
-        covered = counts[:, 1:]
-        return np.where(covered.max(1) >= 0.15 * area, 1 + covered.argmax(1), 0)
-    return _per_patch(ovqa.render_instances(scene), grid, assign)
-
-
-def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """Labels that keep only each assistant turn's answer and its <|im_end|> (-100 elsewhere)."""
+def answer_spans(input_ids: torch.Tensor, tokenizer) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, stop) token span of each assistant turn's answer and its <|im_end|>."""
     header = tokenizer.convert_tokens_to_ids(["<|im_start|>"]) + tokenizer.encode("assistant\n")
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    labels = torch.full_like(input_ids, -100)
-    for b, row in enumerate(input_ids.tolist()):
-        i = 0
+    spans = []
+    for row in input_ids.tolist():
+        found, i = [], 0
         while i < len(row):
             if row[i:i + len(header)] == header:
                 j = i + len(header)
                 while j < len(row) and row[j] != end:
                     j += 1
-                labels[b, i + len(header):j + 1] = input_ids[b, i + len(header):j + 1]
+                found.append((i + len(header), j + 1))
                 i = j
             i += 1
+        spans.append(found)
+    return spans
+
+
+def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Labels that keep only each assistant turn's answer and its <|im_end|> (-100 elsewhere)."""
+    labels = torch.full_like(input_ids, -100)
+    for b, spans in enumerate(answer_spans(input_ids, tokenizer)):
+        for start, stop in spans:
+            labels[b, start:stop] = input_ids[b, start:stop]
     return labels
 
 
-def token_labels(crops: np.ndarray, grid: int, side: int = IMAGE_SIZE // PATCH) -> np.ndarray:
-    """Patch labels in the order the LM sees the visual tokens: the base crop row by row, then the high-res
-    tiles stitched into one grid, row by row, each row ending in a newline token (label -1)."""
-    tiles = crops[1:].reshape(grid, grid, side, side).transpose(0, 2, 1, 3).reshape(grid * side, grid * side)
-    rows = np.concatenate([tiles, np.full((grid * side, 1), -1)], axis=1)
-    return np.concatenate([crops[0], rows.reshape(-1)])
+class TokenHeads(torch.nn.Module):
+    """Linear heads on the projector's output (what the LM reads at each visual token): class, size, centre,
+    glyph ordinal, and (x, y). Training only: they are not part of the saved model."""
+
+    SIZES = (ovqa.N_LABELS, 2, 2, ORDINALS, 2)
+
+    def __init__(self, hidden: int, glyph_weight: float = 1.0):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, sum(self.SIZES))
+        self.class_weight = torch.ones(ovqa.N_LABELS)
+        self.class_weight[ovqa.SIGN_LABEL + 1:] = glyph_weight
+
+    def forward(self, features: list[torch.Tensor], targets: list[torch.Tensor], xy: list[torch.Tensor]) -> torch.Tensor:
+        t = torch.cat(targets)                                                # [sum N, 4]
+        token = t[:, 0] >= 0                                                  # newlines have no targets
+        t, where = t[token], torch.cat(xy)[token]
+        cls, size, centre, ordinal, position = self.linear(torch.cat(features)[token].float()).split(self.SIZES, -1)
+
+        def optional(logits, target):   # size and ordinal apply to some tokens only
+            return F.cross_entropy(logits, target, ignore_index=-100) if bool((target >= 0).any()) else logits.sum() * 0
+        terms = {"class": F.cross_entropy(cls, t[:, 0], weight=self.class_weight), "size": optional(size, t[:, 1]),
+                 "ordinal": optional(ordinal, t[:, 3]),
+                 "centre": F.cross_entropy(centre, t[:, 2], weight=torch.tensor([1.0, 10.0])),
+                 "xy": 10 * F.mse_loss(torch.sigmoid(position), where)}
+        glyphs = t[:, 0] > ovqa.SIGN_LABEL
+        self.last = {**{k: float(v.detach()) for k, v in terms.items()},       # for the progress line
+                     "glyph_accuracy": float((cls[glyphs].argmax(-1) == t[glyphs, 0]).float().mean()) if bool(glyphs.any()) else 0.0}
+        return sum(terms.values())
 
 
-def curriculum(step: int, config: TrainConfig) -> tuple[float, float]:
-    """(share of background tokens visible, zoom) at a step: easing linearly to (1, 1)."""
-    ramp = config.curriculum_until * config.steps
-    done = 1.0 if ramp <= 0 else min(1.0, step / ramp)
-    return (config.background_start + (1.0 - config.background_start) * done,
-            round(config.zoom_start + (1.0 - config.zoom_start) * done, 2))
+# --- batches ------------------------------------------------------------------------------------------------
+
+def grid_for(step: int, config: TrainConfig) -> int:
+    return 2 if step % config.anyres_every == config.anyres_every - 1 else 1
 
 
-def hide_background(batch: dict, labels: list[np.ndarray], image_token: int, share: float,
-                    rng: np.random.Generator) -> None:
-    """Mask out (from every query's view) all but `share` of each image's background visual tokens; the
-    shapes, the sign and the newline tokens stay visible, and every token keeps its position."""
-    if share >= 1.0:
-        return
-    mask = batch["attention_mask"]
-    for b, token_label in enumerate(labels):
-        slots = (batch["input_ids"][b] == image_token).nonzero().squeeze(1)
-        hidden = (token_label == 0) & (rng.random(len(token_label)) >= share)
-        mask[b, slots[torch.from_numpy(hidden)]] = 0
+def resized(examples: list[ovqa.Example], grid: int) -> list[Image.Image]:
+    side = grid * IMAGE_SIZE
+    return [e.image().resize((side, side), Image.Resampling.BICUBIC) for e in examples]
+
+
+def image_batch(processor, examples: list[ovqa.Example], grid: int, pixels: dict | None = None) -> dict:
+    """Pixels, image sizes and per-token targets (the LM's visual-token order) of a list of examples."""
+    pixels = pixels or processor.image_processor(resized(examples, grid), return_tensors="pt")
+    xy = torch.from_numpy(token_xy(grid))
+    return {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"],
+            "targets": [torch.from_numpy(token_order(patch_targets(e.scene, grid), grid)) for e in examples],
+            "xy": [xy] * len(examples)}
+
+
+def question_batch(processor, examples: list[ovqa.Example], grid: int, config: TrainConfig,
+                   rng: random.Random) -> dict:
+    """A phase-2 batch: the image batch plus each image's conversation, tokenized, with labels and turn types."""
+    convs = [conversation(e, config.questions, rng, config.describe) for e in examples]
+    texts = [processor.apply_chat_template(chat(turns)) for turns in convs]
+    enc = processor(images=resized(examples, grid), text=texts, return_tensors="pt", padding=True,
+                    padding_side="right")
+    batch = image_batch(processor, examples, grid, enc)
+    batch.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                 labels=answer_labels(enc["input_ids"], processor.tokenizer),
+                 types=[[t for _, _, t in turns] for turns in convs],
+                 questions=[[q for q, _, _ in turns] for turns in convs])
+    return batch
+
+
+def keep_masks(targets: list[torch.Tensor], share: float, rng: np.random.Generator) -> list[torch.Tensor]:
+    """Which visual tokens stay in the sequence: every shape, sign and newline token, and `share` of the
+    background ones."""
+    return [(t[:, 0] != 0) | torch.from_numpy(rng.random(len(t)) < share) for t in targets]
+
+
+def image_features(model, batch: dict) -> list[torch.Tensor]:
+    cfg = model.config
+    return list(model.model.get_image_features(
+        batch["pixel_values"], batch["image_sizes"], vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True).pooler_output)
+
+
+def lm_inputs(model, batch: dict, features: list[torch.Tensor], keep: list[torch.Tensor] | None, kept: list):
+    """(embeds, positions, attention mask, labels) of the batch's sequences with each image's features in
+    place and only `keep` of its visual tokens (all with None); kept tokens keep their positions, and each
+    row's kept positions are appended to `kept`."""
+    image_token = model.config.image_token_id
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    rows = []
+    for b, feats in enumerate(features):
+        length = int(batch["attention_mask"][b].sum())
+        ids = batch["input_ids"][b, :length]
+        start = int((ids == image_token).nonzero()[0, 0])
+        n = feats.shape[0]
+        sequence = torch.cat([embeds[b, :start], feats.to(embeds.dtype), embeds[b, start + n:length]])
+        visual = torch.arange(n) if keep is None else keep[b].nonzero()[:, 0]
+        index = torch.cat([torch.arange(start), start + visual, torch.arange(start + n, length)])
+        rows.append((sequence[index], index, batch["labels"][b, index]))
+        kept.append(index)
+    width = max(len(index) for _, index, _ in rows)
+    d = embeds.shape[-1]
+    out_embeds = embeds.new_zeros(len(rows), width, d)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, (seq, index, lab) in enumerate(rows):
+        out_embeds[b, :len(index)], positions[b, :len(index)], mask[b, :len(index)] = seq, index, 1
+        labels[b, :len(index)] = lab
+    return out_embeds, positions, mask, labels
+
+
+def lm_logits(model, embeds, positions, mask) -> torch.Tensor:
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    return model.lm_head(hidden)
 
 
 def naming_ids(tokenizer) -> set[int]:
@@ -218,174 +290,135 @@ def naming_ids(tokenizer) -> set[int]:
     return {i for w in words for i in tokenizer.encode(f" {w}")}
 
 
-def attention_targets(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer, image_token: int,
-                      instances: np.ndarray, scene: ovqa.Scene, questions: list[str]) -> dict[str, list]:
-    """The guided heads' targets in one sequence, as (query positions, key positions) per turn. The queries
-    are the question's last token and the positions that predict its answer's tokens (they have read the
-    whole question). "words": the question's words that name shapes, colours or the sign; "image": the
-    visual tokens of the shapes (and sign) the question is about, where there are any."""
-    ids = input_ids.tolist()
-    slots = (input_ids == image_token).nonzero().squeeze(1)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    header = tokenizer.convert_tokens_to_ids(["<|im_start|>"]) + tokenizer.encode("user\n")
-    starts = [i + len(header) for i in range(len(ids)) if ids[i:i + len(header)] == header]
-    answered = ((labels != -100) & (input_ids != end)).nonzero().squeeze(1)
+GUIDED_HEADS = (0, 2)                # two heads on different KV heads: the question's first object, its second
+
+
+def question_objects(scene: ovqa.Scene, question: str) -> list[list[int]]:
+    """The visual regions a question's answer is read from, as instance ids (1 + a shape's index, 255 the
+    sign), one list per lookup: one lookup for most questions (the shapes it names, or the sign), two for a
+    spatial one (its first shape, then its second), none for the description."""
+    if question.startswith("Is the "):
+        text = question[len("Is the "):-1]
+        relation = next(r for r in ovqa.RELATIONS if f" {r} the " in text)
+        return [[1 + i for i, s in enumerate(scene.shapes) if s.name == name] for name in text.split(f" {relation} the ")]
+    if question == "Describe the scene.":
+        return []
+    return [[255 if i == ovqa.SIGN else 1 + i for i in ovqa.referents(scene, question)]]
+
+
+def guide_targets(batch: dict, examples: list[ovqa.Example], grid: int, tokenizer, image_token: int) -> list[list]:
+    """Per row, the guided heads' targets as (layer kind, head, query positions, key positions) in the full
+    sequence. The queries are the positions that predict an answer's tokens (they have read the whole
+    question). "words": the question's naming words (colour, kind, "sign"), split in halves between the two
+    heads for a spatial question; "image": the visual tokens of each looked-up object. A reading answer's
+    k-th position looks at the sign's k-th glyph. Counting and existence may find nothing, so their head
+    may also rest on the sequence's first token (a sink): a count looks at one token per object (its centre)
+    and the sink, so the share left on the sink says how many; "Is there...?" looks at the object, or only
+    at the sink when there is none."""
     naming = torch.tensor(sorted(naming_ids(tokenizer)))
-    out = {"words": [], "image": []}
-    for turn, (start, question) in enumerate(zip(starts, questions)):
-        start = max(start, int(slots[-1]) + 2) if start <= int(slots[-1]) else start   # turn 0: after "<image>\n"
-        stop = ids.index(end, start)
-        following = starts[turn + 1] if turn + 1 < len(starts) else len(ids)
-        queries = torch.cat([torch.tensor([stop - 1]), answered[(answered > stop) & (answered < following)] - 1])
-        words = torch.arange(start, stop)[torch.isin(input_ids[start:stop], naming)]
-        if len(words):
-            out["words"].append((queries, words))
-        wanted = [255 if i == ovqa.SIGN else 1 + i for i in ovqa.referents(scene, question)]
-        keys = slots[torch.from_numpy(np.isin(instances, wanted))]
-        if len(keys):   # nothing to look at (a count of zero, an absent shape): no target
-            out["image"].append((queries, keys))
+    out = []
+    for b, (spans, e) in enumerate(zip(answer_spans(batch["input_ids"], tokenizer), examples)):
+        ids = batch["input_ids"][b]
+        slots = (ids == image_token).nonzero()[:, 0]
+        instances = torch.from_numpy(token_order(patch_instances(e.scene, grid), grid, fill=0))
+        ordinals = torch.from_numpy(token_order(glyph_ordinals(e.scene, grid), grid, fill=-100))
+        centre = torch.from_numpy(token_order(centres(e.scene, grid), grid, fill=0)) == 1
+        sink = torch.tensor([0])
+        rows, previous = [], int(slots[-1]) + 1
+        for (start, stop), question in zip(spans, batch["questions"][b]):
+            queries = torch.arange(start - 1, max(start, stop - 2))
+            words = previous + (torch.isin(ids[previous:start], naming)).nonzero()[:, 0]
+            lookups = question_objects(e.scene, question)
+            if question == "What does the sign say?":
+                rows += [("image", GUIDED_HEADS[0], queries[k:k + 1], slots[ordinals == k]) for k in range(len(queries))]
+                rows.append(("words", GUIDED_HEADS[0], queries, words))
+            elif len(lookups) == 2:
+                half = len(words) // 2
+                for head, named, wanted in zip(GUIDED_HEADS, (words[:half], words[half:]), lookups):
+                    rows.append(("words", head, queries, named))
+                    rows.append(("image", head, queries,
+                                 slots[torch.isin(instances, torch.tensor(wanted, dtype=instances.dtype))]))
+            else:
+                if len(words):
+                    rows.append(("words", GUIDED_HEADS[0], queries, words))
+                for wanted in lookups:
+                    looked = torch.isin(instances, torch.tensor(wanted, dtype=instances.dtype))
+                    if question.startswith("How many"):
+                        rows.append(("image", GUIDED_HEADS[0], queries, torch.cat([sink, slots[looked & centre]])))
+                    elif question.startswith("Is there"):
+                        rows.append(("image", GUIDED_HEADS[0], queries, torch.cat([sink, slots[looked]])))
+                    else:
+                        rows.append(("image", GUIDED_HEADS[0], queries, slots[looked]))
+            previous = stop
+        out.append([row for row in rows if len(row[3]) and len(row[2])])
     return out
 
 
-def training_batch(processor, step: int, config: TrainConfig) -> dict:
-    grid = 2 if step % config.anyres_every == config.anyres_every - 1 else 1
-    side = grid * IMAGE_SIZE
-    rng = random.Random(f"train:{config.seed}:{step}")
-    share, zoom = curriculum(step, config)
-    examples = ovqa.examples("train", config.batch, start=step * config.batch, zoom=zoom)
-    chats = [conversation(e, config.questions, rng, config.describe) for e in examples]
-    texts = [processor.apply_chat_template(messages) for messages, _ in chats]
-    images = [e.image().resize((side, side), Image.Resampling.BICUBIC) for e in examples]
-    enc = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="right")
-    enc["labels"] = answer_labels(enc["input_ids"], processor.tokenizer)
-    batch = dict(enc)
-    crops = [patch_labels(e.scene, grid) for e in examples]
-    hide_background(batch, [token_labels(c, grid) for c in crops], processor.image_token_id, share,
-                    np.random.default_rng([config.seed, step]))
-    batch["patch_labels"] = torch.from_numpy(np.stack(crops)).long()
-    batch["attention_targets"] = [
-        attention_targets(batch["input_ids"][b], batch["labels"][b], processor.tokenizer, processor.image_token_id,
-                          token_labels(patch_instances(e.scene, grid), grid), e.scene, questions)
-        for b, (e, (_, questions)) in enumerate(zip(examples, chats))]
-    return batch
+class GuidedHeads:
+    """Supervision for two heads of two LM layers, read through hooks (nothing is added to the saved model):
+    at `words_layer` each answer position looks at its question's naming words ("triangle"), so at
+    `image_layer` it carries what to look for and looks at the visual tokens of those objects. The loss is
+    -log of the head's attention mass on the targets, however it is spread among them. Only the query rows
+    are scored, so the model itself runs SDPA. The hooks also keep `image_layer`'s output for the early exit."""
 
+    def __init__(self, model, config: TrainConfig):
+        layers = model.model.language_model.layers
+        self.layers = {"words": layers[config.words_layer].self_attn, "image": layers[config.image_layer].self_attn}
+        self.captured: dict[str, dict] = {}
+        self.hooks = [attention.register_forward_pre_hook(
+            lambda module, args, kwargs, kind=kind: self.captured.__setitem__(
+                kind, {"hidden": kwargs["hidden_states"], "rope": kwargs["position_embeddings"]}), with_kwargs=True)
+            for kind, attention in self.layers.items()]
+        self.hooks.append(layers[config.image_layer].register_forward_hook(
+            lambda module, args, out: self.captured.__setitem__("exit", out[0] if isinstance(out, tuple) else out)))
 
-def text_batch(processor, step: int, config: TrainConfig) -> dict:
-    """Language pretraining: each scene written out as text before the questions, no image. The LM learns
-    the chat format, the question words and to find the object a question names in its context, so the
-    multimodal phase only has to make the image tokens readable, as LLaVA starts from a pretrained LLM.
-    Spatial questions are left out: the text gives no coordinates."""
-    rng = random.Random(f"text:{config.seed}:{step}")
-    texts = []
-    for e in ovqa.examples("train", config.text_batch, start=TEXT_OFFSET + step * config.text_batch):
-        turns = [(e.question, e.answer)] if e.qtype != "spatial" else []
-        while len(turns) < config.questions:
-            question, answer, qtype = ovqa.ask(e.scene, rng)
-            if qtype != "spatial":
-                turns.append((question, answer))
-        messages = []
-        for i, (question, answer) in enumerate(turns):
-            content = f"Scene: {ovqa.describe(e.scene)}.\n{question}" if i == 0 else question
-            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-        texts.append(processor.apply_chat_template(messages))
-    tokenizer = processor.tokenizer
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": answer_labels(enc["input_ids"], tokenizer)}
+    def __call__(self, targets: list[list], index: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        from transformers.models.qwen2.modeling_qwen2 import rotate_half
+        losses = []
+        for b, rows in enumerate(targets):
+            compact = torch.full((int(index[b].max()) + 1,), -1, dtype=torch.long)
+            compact[index[b]] = torch.arange(len(index[b]))
+            for kind, head, queries, keys in rows:
+                keys = compact[keys]
+                keys, queries = keys[keys >= 0], compact[queries]
+                if not len(keys):
+                    continue
+                attention = self.layers[kind]
+                hidden, (cos, sin) = self.captured[kind]["hidden"], self.captured[kind]["rope"]
+                d, group = attention.head_dim, attention.num_key_value_groups
+                q = attention.q_proj(hidden[b, queries])[:, head * d:(head + 1) * d].float()
+                k = attention.k_proj(hidden[b])[:, (head // group) * d:(head // group + 1) * d].float()
+                q = q * cos[b, queries].float() + rotate_half(q) * sin[b, queries].float()
+                k = k * cos[b].float() + rotate_half(k) * sin[b].float()
+                visible = (torch.arange(k.shape[0])[None] <= queries[:, None]) & mask[b].bool()[None]
+                log_p = torch.log_softmax((q @ k.T / math.sqrt(d)).masked_fill(~visible, float("-inf")), dim=-1)
+                losses.append(-torch.logsumexp(log_p[:, keys], dim=-1).mean())
+        return torch.stack(losses).mean() if losses else mask.sum() * 0.0
 
-
-class DenseLosses:
-    """The two per-patch auxiliary losses, read off the forward pass through hooks (nothing is added to the
-    model that is saved):
-    - classes: a linear head on the vision tower's last layer (what the projector reads) names each patch's
-      class, so the tower learns to see shapes, colours and glyphs early;
-    - words: the projector's output for a patch of a red circle is pulled (cosine) towards the mean of the
-      LM's own embeddings of "red" and "circle", with and without the leading space (a glyph towards its
-      letter, the sign towards " sign").
-      Image tokens then look like the words that name them in questions and in answers: with tied
-      embeddings, an answer is a copy of what the guided head reads. Background patches get no target."""
-
-    def __init__(self, model, tokenizer):
-        self.embeddings = model.get_input_embeddings()
-        self.head = torch.nn.Linear(model.config.vision_config.hidden_size, ovqa.N_LABELS)
-        # both spellings: " green" as questions write it, "green" as answers do (BPE gives them separate
-        # tokens), so the lookup matches the question's word and the answer reads straight off the image
-        words = {cls: [f" {colour}", colour, f" {kind}", kind] for (colour, kind), cls in ovqa.SHAPE_LABELS.items()}
-        words[ovqa.SIGN_LABEL] = [" sign"]
-        words.update({cls: [char] for char, cls in ovqa.GLYPH_LABELS.items()})
-        self.word_ids = {cls: [i for w in ws for i in tokenizer.encode(w)] for cls, ws in words.items()}
-        self.captured = {}
-        self.hooks = [
-            model.model.vision_tower.encoder.layers[-1].register_forward_hook(
-                lambda module, args, out: self.captured.update(vision=out[0] if isinstance(out, tuple) else out)),
-            model.model.multi_modal_projector.register_forward_hook(
-                lambda module, args, out: self.captured.update(projected=out))]
-
-    def __call__(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = labels.flatten()                                                   # [B * crops * patches]
-        classes = torch.nn.functional.cross_entropy(self.head(self.captured["vision"]).flatten(0, 1).float(), labels)
-        table = self.embeddings.weight.detach().float()
-        targets = torch.zeros(ovqa.N_LABELS, table.shape[1])
-        for cls, ids in self.word_ids.items():
-            targets[cls] = table[ids].mean(0)
-        projected = self.captured["projected"].flatten(0, 1).float()
-        named = labels > 0
-        cosine = torch.nn.functional.cosine_similarity(projected[named], targets[labels[named]], dim=-1)
-        return classes, (1 - cosine).mean() if bool(named.any()) else projected.sum() * 0.0
+    def early_exit(self, model, labels: torch.Tensor) -> torch.Tensor:
+        """The answer read off `image_layer`'s output through the final norm and the LM head: a direct path
+        from the lookup to the answer, so the heads' values learn to carry it."""
+        positions = (labels[:, 1:] != -100).nonzero()
+        hidden = self.captured["exit"][positions[:, 0], positions[:, 1]]
+        logits = model.lm_head(model.model.language_model.norm(hidden)).float()
+        return F.cross_entropy(logits, labels[positions[:, 0], positions[:, 1] + 1])
 
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
 
 
-class AttentionGuide:
-    """Supervision for one head (head 0 of LM layer `layer`): from each query position, put the attention
-    on the target keys (the loss is -log of the attention mass on them, however it is spread among them).
+def turn_correct(logits: torch.Tensor, labels: torch.Tensor) -> list[list[bool]]:
+    """Per row, whether every token of each answer turn is the argmax (teacher forcing)."""
+    predicted, target, out = logits[:, :-1].argmax(-1), labels[:, 1:], []
+    for b in range(labels.shape[0]):
+        answer = (target[b] != -100).nonzero()[:, 0]
+        turns = torch.tensor_split(answer, (torch.diff(answer) > 1).nonzero()[:, 0] + 1) if len(answer) else []
+        out.append([bool((predicted[b, t] == target[b, t]).all()) for t in turns])
+    return out
 
-    Two guided heads make the lookup a question needs: at layer `words_layer` the question's end and its
-    answer positions look at the question's naming words ("triangle"), so at layer `guide_layer` they carry
-    what to look for, and look at the visual tokens of those objects. Without them a 6-layer LM from scratch
-    stays at the answer prior for the steps a 30-minute CPU budget allows, on scenes written as text as on
-    images. The image lookup sits at the layer the pruning methods act from (FastV's K=2), so pruning
-    removes what the lookup would read. Every other head in every layer learns its attention freely."""
 
-    def __init__(self, model, layer: int):
-        attention = model.model.language_model.layers[layer].self_attn
-        self.q_proj, self.k_proj, self.head_dim = attention.q_proj, attention.k_proj, attention.head_dim
-        self.captured = {}
-        self.hook = attention.register_forward_pre_hook(self._capture, with_kwargs=True)
-
-    def _capture(self, module, args, kwargs):
-        self.captured.update(hidden=kwargs["hidden_states"], rope=kwargs["position_embeddings"])
-
-    def __call__(self, targets: list[list[tuple[torch.Tensor, torch.Tensor]]], attention_mask: torch.Tensor) -> torch.Tensor:
-        from transformers.models.qwen2.modeling_qwen2 import rotate_half
-        hidden, (cos, sin) = self.captured["hidden"], self.captured["rope"]
-        d, losses = self.head_dim, []
-        for b, turns in enumerate(targets):
-            if not turns:
-                continue
-            queries = torch.cat([q for q, _ in turns])
-            row_cos, row_sin = (cos[b], sin[b]) if cos.shape[0] > 1 else (cos[0], sin[0])  # [T, d]
-            q = self.q_proj(hidden[b, queries])[:, :d].float()              # head 0 reads KV head 0 (GQA)
-            k = self.k_proj(hidden[b])[:, :d].float()
-            q = q * row_cos[queries].float() + rotate_half(q) * row_sin[queries].float()
-            k = k * row_cos.float() + rotate_half(k) * row_sin.float()
-            logits = q @ k.T / math.sqrt(d)                                 # [queries, T]
-            visible = (torch.arange(k.shape[0])[None] <= queries[:, None]) & attention_mask[b].bool()[None]
-            log_p = torch.log_softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-            row = 0
-            for positions, keys in turns:
-                keys = keys[visible[row, keys]]    # a referent's patch the curriculum hides is no target
-                if len(keys):
-                    # the attention mass on the referents, however it is spread among them: 0 when all of it is
-                    losses.append(-torch.logsumexp(log_p[row:row + len(positions)][:, keys], dim=-1).mean())
-                row += len(positions)
-        return torch.stack(losses).mean() if losses else hidden.sum() * 0.0
-
-    def remove(self) -> None:
-        self.hook.remove()
-
+# --- training -----------------------------------------------------------------------------------------------
 
 def learning_rate(step: int, steps: int, config: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to zero over `steps` (each phase has its own schedule)."""
@@ -395,88 +428,115 @@ def learning_rate(step: int, steps: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dict:
+def background_share(step: int, config: TrainConfig) -> float:
+    ramp = config.curriculum_until * config.steps
+    done = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+    return config.background_start + (1.0 - config.background_start) * done
+
+
+def new_model(processor, config: TrainConfig):
     from transformers import LlavaOnevisionForConditionalGeneration
-
-    from iwp.calibration.evaluate import dev_accuracy, ovqa_items
-    from iwp.processor import local_processor
-    from iwp.zoo import Loaded, ModelSpec, all_pinpoints
-
-    torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    from iwp.processor import byte_level_tokenizer
-    tokenizer = byte_level_tokenizer(tokenizer_corpus(), TOKENIZER_VOCAB)
-    processor = local_processor(IMAGE_SIZE, PATCH, all_pinpoints(IMAGE_SIZE), tokenizer)
-    model_config = ovqa_small_config(processor.tokenizer, config.lm_layers)
+    model_config = ovqa_small_config(processor.tokenizer, config.lm_layers, config.vision_layers)
     model_config.text_config._attn_implementation = "sdpa"
     model_config.vision_config._attn_implementation = "sdpa"
-    model = LlavaOnevisionForConditionalGeneration(model_config)
-    for layer in model.model.language_model.layers:   # attention that is not uniform at step 0 learns to look
-        for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-            torch.nn.init.normal_(projection.weight, std=config.qk_init_std)
-        if config.zero_residual:
-            torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-            torch.nn.init.zeros_(layer.mlp.down_proj.weight)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    return LlavaOnevisionForConditionalGeneration(model_config)
+
+
+def make_processor():
+    from iwp.processor import byte_level_tokenizer, local_processor
+    from iwp.zoo import all_pinpoints
+    tokenizer = byte_level_tokenizer(tokenizer_corpus(), TOKENIZER_VOCAB)
+    return local_processor(IMAGE_SIZE, PATCH, all_pinpoints(IMAGE_SIZE), tokenizer)
+
+
+def optimizer_for(params, config: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=config.lr, betas=(0.9, 0.98))
+
+
+def step_optimizer(optimizer, loss: torch.Tensor, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dict:
+    from iwp.calibration.evaluate import dev_accuracy, ovqa_items
+    from iwp.zoo import Loaded, ModelSpec
+
+    torch.set_num_threads(config.threads)
+    processor = make_processor()
+    model = new_model(processor, config)
+    heads = TokenHeads(model.config.text_config.hidden_size, config.glyph_weight)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
+    start, history = time.perf_counter(), []
+
+    def elapsed() -> str:
+        return f"{(time.perf_counter() - start) / 60:.1f} min"
+
+    # phase 1: the eye
+    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+              model.model.image_newline, *heads.parameters()]
+    optimizer, losses = optimizer_for(vision, config), []
+    for step in range(config.vision_steps):
+        batch = image_batch(processor, ovqa.examples("train", config.batch, start=VISION_OFFSET + step * config.batch),
+                            grid_for(step, config))
+        with autocast:
+            loss = heads(image_features(model, batch), batch["targets"], batch["xy"])
+        step_optimizer(optimizer, loss, learning_rate(step, config.vision_steps, config))
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == config.vision_steps:
+            history.append({"phase": "vision", "step": step + 1, "loss": float(np.mean(losses[-50:])),
+                            "seconds": time.perf_counter() - start})
+            progress(f"vision step {step + 1}/{config.vision_steps}  loss {np.mean(losses[-50:]):.4f}  "
+                     f"{' '.join(f'{k} {v:.3f}' for k, v in heads.last.items())}  {elapsed()}")
+
+    # phase 2: the questions
     dev = ovqa_items("train", config.dev_examples, start=DEV_OFFSET)
     spec = ModelSpec("ovqa-small", None, grid=(1, 1), budget=64)
-    dense = DenseLosses(model, processor.tokenizer)
-    guides = {"words": AttentionGuide(model, config.words_layer), "image": AttentionGuide(model, config.guide_layer)}
-    optimizer.add_param_group({"params": list(dense.head.parameters()), "weight_decay": 0.0})
-    history, start, losses = [], time.perf_counter(), []
-    model.train()
-    for step in range(config.text_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config.text_steps, config)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model(**text_batch(processor, step, config)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.text_steps:
-            recent = sum(losses[-50:]) / len(losses[-50:])
-            history.append({"phase": "text", "step": step + 1, "loss": recent, "seconds": time.perf_counter() - start})
-            progress(f"text step {step + 1}/{config.text_steps}  loss {recent:.4f}  "
-                     f"{(time.perf_counter() - start) / 60:.1f} min")
-    losses = []
+    optimizer, losses, correct = optimizer_for([*model.parameters(), *heads.parameters()], config), [], {}
+    guides = GuidedHeads(model, config)
     for step in range(config.steps):
         model.train()
-        batch = training_batch(processor, step, config)
-        targets, attention = batch.pop("patch_labels"), batch.pop("attention_targets")
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config.steps, config)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            lm_loss = model(**batch).loss
-            patch_loss, align_loss = dense(targets)
-            guide_loss = sum(guide([t[name] for t in attention], batch["attention_mask"])
-                             for name, guide in guides.items()) / len(guides)
-        loss = (lm_loss + config.aux_weight * patch_loss + config.align_weight * align_loss
-                + config.guide_weight * guide_loss)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append((lm_loss.item(), patch_loss.item(), align_loss.item(), guide_loss.item()))
+        rng = random.Random(f"train:{config.seed}:{step}")
+        examples, grid = ovqa.examples("train", config.batch, start=step * config.batch), grid_for(step, config)
+        batch = question_batch(processor, examples, grid, config, rng)
+        keep = keep_masks(batch["targets"], background_share(step, config), np.random.default_rng([config.seed, step]))
+        guided = config.guide_weight > 0
+        targets = guide_targets(batch, examples, grid, processor.tokenizer, model.config.image_token_id) if guided else []
+        with autocast:
+            features, kept = image_features(model, batch), []
+            embeds, positions, mask, labels = lm_inputs(model, batch, features, keep, kept)
+            logits = lm_logits(model, embeds, positions, mask)
+            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            aux_loss = heads(features, batch["targets"], batch["xy"])
+            attn_loss = guides(targets, kept, mask) if guided else lm_loss * 0
+            exit_loss = guides.early_exit(model, labels)
+        step_optimizer(optimizer, lm_loss + config.aux_weight * aux_loss + config.guide_weight * attn_loss
+                       + config.exit_weight * exit_loss, learning_rate(step, config.steps, config))
+        losses.append((lm_loss.item(), aux_loss.item(), attn_loss.item(), exit_loss.item()))
+        for types, oks in zip(batch["types"], turn_correct(logits.detach(), labels)):
+            for t, ok in zip(types, oks):
+                correct.setdefault(t, []).append(ok)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             model.eval()
             accuracy = dev_accuracy(Loaded(spec, model, processor, "training"), dev)
-            elapsed = time.perf_counter() - start
-            recent = losses[-50:]
-            lm, patch, align, guided = (sum(x[i] for x in recent) / len(recent) for i in range(4))
-            history.append({"phase": "image", "step": step + 1, "loss": lm, "patch_loss": patch, "align_loss": align,
-                            "guide_loss": guided, "dev_accuracy": accuracy["all"], "dev_by_type": accuracy,
-                            "seconds": elapsed})
+            lm, aux, attn, early = (float(np.mean([x[i] for x in losses[-50:]])) for i in range(4))
+            seen = {t: float(np.mean(v[-400:])) for t, v in sorted(correct.items())}
+            history.append({"phase": "questions", "step": step + 1, "loss": lm, "aux_loss": aux, "guide_loss": attn, "exit_loss": early,
+                            "train_turns": seen, "dev_accuracy": accuracy["all"], "dev_by_type": accuracy,
+                            "seconds": time.perf_counter() - start})
             by_type = " ".join(f"{k[:4]} {v:.0%}" for k, v in accuracy.items() if k != "all")
-            progress(f"step {step + 1}/{config.steps}  loss {lm:.4f}  patch {patch:.3f}  align {align:.3f}  "
-                     f"guide {guided:.3f}  dev accuracy {accuracy['all']:.1%} ({by_type})  {elapsed / 60:.1f} min")
-    dense.remove()
-    for guide in guides.values():
-        guide.remove()
+            progress(f"step {step + 1}/{config.steps}  loss {lm:.4f}  aux {aux:.3f}  guide {attn:.3f}  exit {early:.3f}  dev accuracy "
+                     f"{accuracy['all']:.1%} ({by_type})  teacher-forced "
+                     f"{' '.join(f'{k[:4]} {v:.0%}' for k, v in seen.items())}  {elapsed()}")
+    guides.remove()
     model.eval()
     summary = {"config": dataclasses.asdict(config), "history": history, "seconds": time.perf_counter() - start,
                "torch": torch.__version__}
