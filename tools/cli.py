@@ -10,7 +10,7 @@
     iwp bench-cuda    VisualTokenSelect CUDA kernel times (GPU)
     iwp profile       per-stage latency, memory and the FLOP-ideal ratio of an engine (JSON, Markdown, PNG)
     iwp compare-trt   an engine's TensorRT plans against ONNX Runtime
-    iwp train         train ovqa-small on the OVQA benchmark (CPU, about 30 minutes)
+    iwp train         train ovqa-small on the OVQA benchmark (CPU, about 70 minutes)
     iwp eval          visual-QA accuracy per method x budget (OVQA or a JSONL benchmark), JSON/Markdown/PNG
     iwp ovqa-export   an OVQA split as a JSONL file and PNG images (the format `iwp eval --data` reads)
     iwp prepare       token ids and pixel values of one image and prompt, for the C++ app iwp_generate
