@@ -5,7 +5,7 @@ the input (the big matrix as GEMM A, so nothing large is packed per call).
 
     .venv/bin/python benchmarks/tied_head.py
 """
-import time, numpy as np, onnx, onnxruntime as ort
+import time, numpy as np, onnxruntime as ort
 from onnx import helper as H, TensorProto as TP, numpy_helper
 V, D = 151936, 896
 rng = np.random.default_rng(0)
