@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
+from iwp.calibration.evaluate import wilson_interval
+
 QUANTS = ("none", "int8", "int4")
-
-
-def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
-    """The 95% Wilson score interval of a proportion."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def engines(model: str, methods, engines_dir: Path, **spec) -> dict:
@@ -54,8 +45,8 @@ def ovqa(args) -> dict:
         hits = sum(int(score(p, it.answers) > 0) for p, it in zip(preds, items))
         same = sum(a == b for a, b in zip(preds, answers[(method, "none")]))
         rows.append({"method": method, "quant": quant, "engine": built[(method, quant)].name,
-                     "accuracy": hits / len(items), "accuracy_ci95": wilson(hits, len(items)),
-                     "agreement_with_fp32": same / len(items), "agreement_ci95": wilson(same, len(items))})
+                     "accuracy": hits / len(items), "accuracy_ci95": list(wilson_interval(hits, len(items))),
+                     "agreement_with_fp32": same / len(items), "agreement_ci95": list(wilson_interval(same, len(items)))})
     return {"model": "ovqa-small", "questions": len(items), "rows": rows}
 
 

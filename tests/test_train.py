@@ -47,7 +47,9 @@ def test_patch_labels_follow_the_processors_crops_and_the_lms_token_order(proces
         assert crops.shape == (1 + grid * grid, 256)
         order = token_labels(crops, grid)
         assert order.shape == (n,) and (order == -1).sum() == 16 * grid      # one newline per high-res row
-        assert patch_targets(e.scene, grid).shape == (1 + grid * grid, 256, 4)
+        targets = patch_targets(e.scene, grid)
+        assert targets.shape == (1 + grid * grid, 256, 5)
+        assert (targets[..., 0] == crops).all() and (targets[..., 4] == patch_instances(e.scene, grid)).all()
         assert token_xy(grid).shape == (n, 2)
     # the shapes' classes are where their colours are in the processor's pixels
     image = e.image().resize((IMAGE_SIZE, IMAGE_SIZE))
@@ -120,7 +122,7 @@ def test_guided_heads_look_from_each_answer_to_its_words_and_objects(processor):
     examples = ovqa.examples("train", 3, start=2)
     batch = question_batch(processor, examples, 1, config, random.Random(0))
     tokenizer = processor.tokenizer
-    targets = guide_targets(batch, examples, 1, tokenizer, processor.image_token_id)
+    targets = guide_targets(batch, examples, tokenizer, processor.image_token_id)
     seen = set()
     for b, rows in enumerate(targets):
         ids = batch["input_ids"][b]

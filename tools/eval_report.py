@@ -25,19 +25,17 @@ def markdown(report: dict) -> str:
     at = {(r["method"], r["budget"]): r for r in rows}
     head = " | ".join(f"{b} ({b / n:.0%})" for b in budgets)
     rule = "|---|" + "---|" * len(budgets)
+    low, high = none["interval"]
     lines = [f"# Accuracy: {report['model']} at grid {report['grid']} (N={n} visual tokens), "
              f"{report['count']} questions from {report['items']}, metric {report['metric']}", "",
-             f"Unpruned accuracy **{none['accuracy']:.1%}**. Cells: accuracy (retention against unpruned). "
+             f"Unpruned accuracy **{none['accuracy']:.1%}** (95% CI {low:.1%}–{high:.1%}). Cells: accuracy (retention against unpruned). "
              f"BTP and TransPrune read the budget as the average visual tokens per layer; the other methods keep "
              f"it from their pruning layer on.", "", f"| method | {head} |", rule]
     for m in methods:
         cells = [f"{r['accuracy']:.1%} ({r['retention']:.1%})" if r and not r["note"] else "not run"
                  for r in (at.get((m, b)) for b in budgets)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    low, high = none["interval"]
-    lines[2] = lines[2].replace(f"**{none['accuracy']:.1%}**", f"**{none['accuracy']:.1%}** (95% CI {low:.1%}–{high:.1%})")
-    compared = [r for r in rows if r.get("vs_iwp") or (r["method"] == "iwp" and not r["note"])]
-    if compared:
+    if any(r.get("vs_iwp") or (r["method"] == "iwp" and not r["note"]) for r in rows):
         lines += ["", "Paired differences on the same questions, in accuracy points with their 95% interval: each "
                   "method against IWP at the same budget (IWP's row: against unpruned). **Bold**: the interval "
                   "excludes 0.", "", f"| method | {head} |", rule]

@@ -50,8 +50,8 @@ from PIL import Image
 
 from iwp.calibration import ovqa
 
-from .train_targets import (IMAGE_SIZE, PATCH, centres, glyph_ordinals, patch_instances, patch_targets,
-                            token_order, token_xy)
+from .train_targets import (CENTRE, CLASS, IMAGE_SIZE, INSTANCE, ORDINAL, PATCH, SIZE, patch_targets, token_order,
+                            token_xy)
 
 DEV_OFFSET = 10_000_000              # train-split indices from here on are never trained on
 VISION_OFFSET = 5_000_000            # phase 1's scenes start here
@@ -185,20 +185,20 @@ class TokenHeads(torch.nn.Module):
         self.class_weight[ovqa.SIGN_LABEL + 1:] = glyph_weight
 
     def forward(self, features: list[torch.Tensor], targets: list[torch.Tensor], xy: list[torch.Tensor]) -> torch.Tensor:
-        t = torch.cat(targets)                                                # [sum N, 4]
-        token = t[:, 0] >= 0                                                  # newlines have no targets
+        t = torch.cat(targets)                                                # [sum N, 5]: patch_targets' columns
+        token = t[:, CLASS] >= 0                                              # newlines have no targets
         t, where = t[token], torch.cat(xy)[token]
         cls, size, centre, ordinal, position = self.linear(torch.cat(features)[token].float()).split(self.SIZES, -1)
 
         def optional(logits, target):   # size and ordinal apply to some tokens only
             return F.cross_entropy(logits, target, ignore_index=-100) if bool((target >= 0).any()) else logits.sum() * 0
-        terms = {"class": F.cross_entropy(cls, t[:, 0], weight=self.class_weight), "size": optional(size, t[:, 1]),
-                 "ordinal": optional(ordinal, t[:, 3]),
-                 "centre": F.cross_entropy(centre, t[:, 2], weight=torch.tensor([1.0, 10.0])),
+        terms = {"class": F.cross_entropy(cls, t[:, CLASS], weight=self.class_weight),
+                 "size": optional(size, t[:, SIZE]), "ordinal": optional(ordinal, t[:, ORDINAL]),
+                 "centre": F.cross_entropy(centre, t[:, CENTRE], weight=torch.tensor([1.0, 10.0])),
                  "xy": 10 * F.mse_loss(torch.sigmoid(position), where)}
-        glyphs = t[:, 0] > ovqa.SIGN_LABEL
-        self.last = {**{k: float(v.detach()) for k, v in terms.items()},       # for the progress line
-                     "glyph_accuracy": float((cls[glyphs].argmax(-1) == t[glyphs, 0]).float().mean()) if bool(glyphs.any()) else 0.0}
+        glyphs = t[:, CLASS] > ovqa.SIGN_LABEL
+        right = (cls[glyphs].argmax(-1) == t[glyphs, CLASS]).float().mean() if bool(glyphs.any()) else torch.tensor(0.0)
+        self.last = {**{k: float(v.detach()) for k, v in terms.items()}, "glyph_accuracy": float(right)}  # progress
         return sum(terms.values())
 
 
@@ -240,7 +240,7 @@ def question_batch(processor, examples: list[ovqa.Example], grid: int, config: T
 def keep_masks(targets: list[torch.Tensor], share: float, rng: np.random.Generator) -> list[torch.Tensor]:
     """Which visual tokens stay in the sequence: every shape, sign and newline token, and `share` of the
     background ones."""
-    return [(t[:, 0] != 0) | torch.from_numpy(rng.random(len(t)) < share) for t in targets]
+    return [(t[:, CLASS] != 0) | torch.from_numpy(rng.random(len(t)) < share) for t in targets]
 
 
 def image_features(model, batch: dict) -> list[torch.Tensor]:
@@ -306,7 +306,7 @@ def question_objects(scene: ovqa.Scene, question: str) -> list[list[int]]:
     return [[255 if i == ovqa.SIGN else 1 + i for i in ovqa.referents(scene, question)]]
 
 
-def guide_targets(batch: dict, examples: list[ovqa.Example], grid: int, tokenizer, image_token: int) -> list[list]:
+def guide_targets(batch: dict, examples: list[ovqa.Example], tokenizer, image_token: int) -> list[list]:
     """Per row, the guided heads' targets as (layer kind, head, query positions, key positions) in the full
     sequence. The queries are the positions that predict an answer's tokens (they have read the whole
     question). "words": the question's naming words (colour, kind, "sign"), split in halves between the two
@@ -320,10 +320,11 @@ def guide_targets(batch: dict, examples: list[ovqa.Example], grid: int, tokenize
     for b, (spans, e) in enumerate(zip(answer_spans(batch["input_ids"], tokenizer), examples)):
         ids = batch["input_ids"][b]
         slots = (ids == image_token).nonzero()[:, 0]
-        instances = torch.from_numpy(token_order(patch_instances(e.scene, grid), grid, fill=0))
-        ordinals = torch.from_numpy(token_order(glyph_ordinals(e.scene, grid), grid, fill=-100))
-        centre = torch.from_numpy(token_order(centres(e.scene, grid), grid, fill=0)) == 1
-        sink = torch.tensor([0])
+        targets = batch["targets"][b]                                     # newline rows are -1 throughout
+        ordinals, centre, sink = targets[:, ORDINAL], targets[:, CENTRE] == 1, torch.tensor([0])
+
+        def tokens_of(wanted: list[int]) -> torch.Tensor:   # the visual tokens of these instances
+            return torch.isin(targets[:, INSTANCE], torch.tensor(wanted, dtype=targets.dtype))
         rows, previous = [], int(slots[-1]) + 1
         for (start, stop), question in zip(spans, batch["questions"][b]):
             queries = torch.arange(start - 1, max(start, stop - 2))
@@ -336,13 +337,12 @@ def guide_targets(batch: dict, examples: list[ovqa.Example], grid: int, tokenize
                 half = len(words) // 2
                 for head, named, wanted in zip(GUIDED_HEADS, (words[:half], words[half:]), lookups):
                     rows.append(("words", head, queries, named))
-                    rows.append(("image", head, queries,
-                                 slots[torch.isin(instances, torch.tensor(wanted, dtype=instances.dtype))]))
+                    rows.append(("image", head, queries, slots[tokens_of(wanted)]))
             else:
                 if len(words):
                     rows.append(("words", GUIDED_HEADS[0], queries, words))
                 for wanted in lookups:
-                    looked = torch.isin(instances, torch.tensor(wanted, dtype=instances.dtype))
+                    looked = tokens_of(wanted)
                     if question.startswith("How many"):
                         rows.append(("image", GUIDED_HEADS[0], queries, torch.cat([sink, slots[looked & centre]])))
                     elif question.startswith("Is there"):
@@ -509,7 +509,7 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dic
         batch = question_batch(processor, examples, grid, config, rng)
         keep = keep_masks(batch["targets"], background_share(step, config), np.random.default_rng([config.seed, step]))
         guided = config.guide_weight > 0
-        targets = guide_targets(batch, examples, grid, processor.tokenizer, model.config.image_token_id) if guided else []
+        targets = guide_targets(batch, examples, processor.tokenizer, model.config.image_token_id) if guided else []
         with autocast:
             features, kept = image_features(model, batch), []
             embeds, positions, mask, labels = lm_inputs(model, batch, features, keep, kept)

@@ -69,13 +69,17 @@ def centres(scene: ovqa.Scene, grid: int) -> np.ndarray:
     return out
 
 
+CLASS, SIZE, CENTRE, ORDINAL, INSTANCE = range(5)   # the columns of patch_targets
+
+
 def patch_targets(scene: ovqa.Scene, grid: int) -> np.ndarray:
-    """[1 + grid², 256, 4]: (class, size, centre, glyph ordinal) of every patch; size and ordinal are -100
-    where they do not apply."""
+    """[1 + grid², 256, 5]: (class, size, centre, glyph ordinal, instance) of every patch; size and ordinal
+    are -100 where they do not apply. The per-token heads learn the first four; the guided heads find
+    objects by the instance."""
     labels, instances = patch_labels(scene, grid), patch_instances(scene, grid)
     sizes = np.array([-100] + [int(s.size == "large") for s in scene.shapes] + [-100] * (256 - 1 - len(scene.shapes)))
     size = np.where((instances > 0) & (instances < 255), sizes[np.minimum(instances, 255)], -100)
-    return np.stack([labels, size, centres(scene, grid), glyph_ordinals(scene, grid)], axis=-1)
+    return np.stack([labels, size, centres(scene, grid), glyph_ordinals(scene, grid), instances], axis=-1)
 
 
 def token_order(crops: np.ndarray, grid: int, fill=-1) -> np.ndarray:
