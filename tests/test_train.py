@@ -1,11 +1,13 @@
 """`iwp train`: the labels, the per-token targets, the token dropping, the guided heads, and a short run that
 saves a loadable model."""
+import dataclasses
 import json
 import math
 import random
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from iwp.calibration import ovqa
@@ -196,11 +198,22 @@ def test_a_short_run_saves_a_loadable_model(tmp_path):
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from iwp.processor import processor_from_checkpoint
-    config = TrainConfig(vision_steps=2, steps=2, batch=2, dev_examples=2, eval_every=1, anyres_every=2)
-    summary = train(tmp_path / "model", config, progress=lambda _: None)
-    assert [h["phase"] for h in summary["history"]] == ["vision", "questions", "questions"]
+    config = TrainConfig(vision_steps=2, steps=2, polish_steps=1, batch=2, dev_examples=2, eval_every=1,
+                         anyres_every=2)
+    base = train(tmp_path / "base", config, progress=lambda _: None)
+    assert [h["phase"] for h in base["history"]] == ["vision", "questions", "questions"]
+    summary = train(tmp_path / "model", config, progress=lambda _: None, stage="polish", start_from=tmp_path / "base")
+    assert [h["phase"] for h in summary["history"]] == ["vision", "questions", "questions", "polish"]
     saved = json.loads((tmp_path / "model" / "training.json").read_text())
-    assert saved["config"]["steps"] == 2 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert saved["config"]["steps"] == 2 and saved["stage"] == "polish"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    polished = safetensors.torch.load_file(tmp_path / "model" / "model.safetensors")
+    started = safetensors.torch.load_file(tmp_path / "base" / "model.safetensors")
+    assert polished.keys() == started.keys() and any(not torch.equal(polished[k], started[k]) for k in polished)
+    with pytest.raises(ValueError, match="other settings .*batch"):   # the polish continues the same recipe
+        train(tmp_path / "other", dataclasses.replace(config, batch=3), stage="polish", start_from=tmp_path / "base")
+    with pytest.raises(FileNotFoundError, match="stage base"):
+        train(tmp_path / "other", config, stage="polish", start_from=tmp_path / "missing")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "model")
     assert model.config.text_config.num_hidden_layers == config.lm_layers
     loaded = Loaded(ModelSpec("ovqa-small", None, (1, 1), 64), model.eval(),

@@ -10,7 +10,7 @@
     iwp bench-cuda    VisualTokenSelect CUDA kernel times (GPU)
     iwp profile       per-stage latency, memory and the FLOP-ideal ratio of an engine (JSON, Markdown, PNG)
     iwp compare-trt   an engine's TensorRT plans against ONNX Runtime
-    iwp train         train ovqa-small on the OVQA benchmark (CPU, about 70 minutes)
+    iwp train         train ovqa-small on the OVQA benchmark (CPU, two stages of about 70 minutes)
     iwp eval          visual-QA accuracy per method x budget (OVQA or a JSONL benchmark), JSON/Markdown/PNG
     iwp ovqa-export   an OVQA split as a JSONL file and PNG images (the format `iwp eval --data` reads)
     iwp prepare       token ids and pixel values of one image and prompt, for the C++ app iwp_generate
@@ -153,11 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="evals", help="reports go to OUT/<model>-<grid>-<source>/")
     p.set_defaults(func=command("evaluate"))
 
-    p = sub.add_parser("train", help="train ovqa-small on the OVQA train split")
-    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the recipe's)")
+    p = sub.add_parser("train", help="train ovqa-small on the OVQA train split, in two stages")
+    p.add_argument("--stage", required=True, choices=["base", "polish"],
+                   help="base: the eye and the questions from the seed (about 70 min); polish: more questions "
+                        "from the base's weights (about 75 min)")
+    p.add_argument("--start", default=None, help="polish: the base stage's directory (default build/ovqa-small-base)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="optimizer steps of the stage's question phase (default: the recipe's)")
     p.add_argument("--batch", type=positive_int, default=None, help="images per step (default: the recipe's)")
     p.add_argument("--seed", type=int, default=None, help="(default: the recipe's)")
-    p.add_argument("--out", default=None, help="model directory (default: the bundled iwp/weights/ovqa-small)")
+    p.add_argument("--out", default=None, help="model directory (default: build/ovqa-small-base for base, the "
+                                               "bundled iwp/weights/ovqa-small for polish)")
     p.set_defaults(func=command("train"))
 
     p = sub.add_parser("prepare", help="token ids and pixel values of one image and prompt, for the C++ app")

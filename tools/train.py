@@ -1,5 +1,5 @@
-"""`iwp train` (`make train`): train ovqa-small, a small LLaVA-OneVision of the real HF classes (SigLIP tower,
-projector, Qwen2 LM), on the OVQA train split, from a seed, on the CPU.
+"""`iwp train --stage base|polish` (`make train` runs both): train ovqa-small, a small LLaVA-OneVision of the
+real HF classes (SigLIP tower, projector, Qwen2 LM), on the OVQA train split, from a seed, on the CPU.
 
 The recipe, and why:
 - A byte-level BPE tokenizer with merges learned on OVQA's train-split text (sign strings left out, so a
@@ -25,6 +25,11 @@ The recipe, and why:
   there...?" at the object or the sink). An early exit reads the answer off `image_layer`'s output through
   the LM head, so the heads' values learn to carry it. Every other head learns freely. The lookup sits at
   the layers the pruning methods act from, so pruning removes what it would read.
+- Phase 3, the polish (a second run, `--stage polish`): the questions again on scenes phase 2 never read,
+  every visual token, no per-token heads, a fresh optimizer and schedule at half the peak. The lookup is
+  learned late (the base run's curve is still rising when its learning rate reaches zero), and two runs of
+  about 70 minutes each fit a sitting where one of 140 would not. The polish starts from the base stage's
+  saved model alone, so that directory is the checkpoint between the runs.
 - Both grids: most steps use 1x1 (528 visual tokens); every `anyres_every`-th step uses 2x2 (1312).
 - AdamW with linear warm-up and cosine decay; bf16 autocast on the CPU; the weights stay and are saved fp32.
 - Deterministic: the data are a function of (phase, step, index), the weights of the seed, and the thread
@@ -57,6 +62,7 @@ DEV_OFFSET = 10_000_000              # train-split indices from here on are neve
 VISION_OFFSET = 5_000_000            # phase 1's scenes start here
 TOKENIZER_VOCAB = 420
 ORDINALS = ovqa.SIGN_LENGTH
+BASE_DIR = Path("build/ovqa-small-base")   # the base stage's output: the polish stage's checkpoint
 
 
 @dataclass(frozen=True)
@@ -84,10 +90,12 @@ class TrainConfig:
     threads: int = 2
     dev_examples: int = 100
     eval_every: int = 500
+    polish_steps: int = 2500         # phase 3 (stage "polish"): the questions again, every token, ...
+    polish_lr: float = 1e-3          # ... from phase 2's weights with a fresh schedule at this peak
     bf16: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "batch", "questions", "anyres_every", "threads", "eval_every", "lm_layers"):
+        for name in ("steps", "polish_steps", "batch", "questions", "anyres_every", "threads", "eval_every", "lm_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.background_start <= 1:
@@ -420,12 +428,12 @@ def turn_correct(logits: torch.Tensor, labels: torch.Tensor) -> list[list[bool]]
 
 # --- training -----------------------------------------------------------------------------------------------
 
-def learning_rate(step: int, steps: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to zero over `steps` (each phase has its own schedule)."""
+def learning_rate(step: int, steps: int, peak: float, config: TrainConfig) -> float:
+    """Linear warm-up to `peak`, then cosine decay to zero over `steps` (each phase has its own schedule)."""
     if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
+        return peak * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def background_share(step: int, config: TrainConfig) -> float:
@@ -466,21 +474,62 @@ def step_optimizer(optimizer, loss: torch.Tensor, lr: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dict:
-    from iwp.calibration.evaluate import dev_accuracy, ovqa_items
-    from iwp.zoo import Loaded, ModelSpec
-
+def train(out: Path, config: TrainConfig = TrainConfig(), progress=print, stage: str = "base",
+          start_from: Path | None = None) -> dict:
+    """Stage "base": phases 1 and 2 from the seed. Stage "polish": phase 3 from a base model's directory
+    (`start_from`), so each run stays under about 70 minutes and the base's output is the polish's
+    checkpoint."""
     torch.set_num_threads(config.threads)
-    processor = make_processor()
-    model = new_model(processor, config)
-    heads = TokenHeads(model.config.text_config.hidden_size, config.glyph_weight)
+    clock = Clock()
+    if stage == "base":
+        processor = make_processor()
+        model = new_model(processor, config)
+        heads, history = TokenHeads(model.config.text_config.hidden_size, config.glyph_weight), []
+        eye_phase(model, processor, heads, config, clock, history, progress)
+        question_phase(model, processor, heads, config, clock, history, progress, phase="questions")
+    elif stage == "polish":
+        model, processor, history = load_stage(start_from, config)
+        question_phase(model, processor, None, config, clock, history, progress, phase="polish")
+    else:
+        raise ValueError(f"train stage must be 'base' or 'polish', got {stage!r}")
+    model.eval()
+    summary = {"config": dataclasses.asdict(config), "stage": stage, "history": history,
+               "seconds": clock.seconds(), "torch": torch.__version__}
+    save_model(model, processor, summary, out)
+    return summary
+
+
+class Clock:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __str__(self) -> str:
+        return f"{self.seconds() / 60:.1f} min"
+
+
+def load_stage(path: Path | None, config: TrainConfig):
+    """The base stage's model, processor and history; the polish must continue the same recipe."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+    from iwp.processor import processor_from_checkpoint
+    if path is None or not (Path(path) / "training.json").is_file():
+        raise FileNotFoundError(f"no base stage in {path}; run `iwp train --stage base --out {path}` first")
+    record = json.loads((Path(path) / "training.json").read_text())
+    base = TrainConfig(**record["config"])
+    differs = [f.name for f in dataclasses.fields(TrainConfig)
+               if not f.name.startswith("polish") and getattr(base, f.name) != getattr(config, f.name)]
+    if differs:
+        raise ValueError(f"the base stage in {path} was trained with other settings ({', '.join(differs)}); "
+                         f"retrain it with `iwp train --stage base`")
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+    return model, processor_from_checkpoint(Path(path)), [h for h in record["history"] if h["phase"] != "polish"]
+
+
+def eye_phase(model, processor, heads, config: TrainConfig, clock: Clock, history: list, progress) -> None:
+    """Phase 1: the vision tower and projector alone, on the per-token heads."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
-    start, history = time.perf_counter(), []
-
-    def elapsed() -> str:
-        return f"{(time.perf_counter() - start) / 60:.1f} min"
-
-    # phase 1: the eye
     vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               model.model.image_newline, *heads.parameters()]
     optimizer, losses = optimizer_for(vision, config), []
@@ -489,25 +538,38 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dic
                             grid_for(step, config))
         with autocast:
             loss = heads(image_features(model, batch), batch["targets"], batch["xy"])
-        step_optimizer(optimizer, loss, learning_rate(step, config.vision_steps, config))
+        step_optimizer(optimizer, loss, learning_rate(step, config.vision_steps, config.lr, config))
         losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == config.vision_steps:
             history.append({"phase": "vision", "step": step + 1, "loss": float(np.mean(losses[-50:])),
-                            "seconds": time.perf_counter() - start})
+                            "seconds": clock.seconds()})
             progress(f"vision step {step + 1}/{config.vision_steps}  loss {np.mean(losses[-50:]):.4f}  "
-                     f"{' '.join(f'{k} {v:.3f}' for k, v in heads.last.items())}  {elapsed()}")
+                     f"{' '.join(f'{k} {v:.3f}' for k, v in heads.last.items())}  {clock}")
 
-    # phase 2: the questions
+
+def question_phase(model, processor, heads, config: TrainConfig, clock: Clock, history: list, progress,
+                   phase: str) -> None:
+    """Phase 2 ("questions": the curriculum, the per-token heads at aux_weight) or phase 3 ("polish": every
+    token, no per-token heads, a fresh optimizer and schedule at polish_lr, on scenes phase 2 never read)."""
+    from iwp.calibration.evaluate import dev_accuracy, ovqa_items
+    from iwp.zoo import Loaded, ModelSpec
+    polish = phase == "polish"
+    steps, peak = (config.polish_steps, config.polish_lr) if polish else (config.steps, config.lr)
+    offset = config.steps if polish else 0
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
     dev = ovqa_items("train", config.dev_examples, start=DEV_OFFSET)
     spec = ModelSpec("ovqa-small", None, grid=(1, 1), budget=64)
-    optimizer, losses, correct = optimizer_for([*model.parameters(), *heads.parameters()], config), [], {}
+    trained = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
+    optimizer, losses, correct = optimizer_for(trained, config), [], {}
     guides = GuidedHeads(model, config)
-    for step in range(config.steps):
+    for local in range(steps):
+        step = offset + local           # the data and the 2x2 steps follow the global step
         model.train()
         rng = random.Random(f"train:{config.seed}:{step}")
         examples, grid = ovqa.examples("train", config.batch, start=step * config.batch), grid_for(step, config)
         batch = question_batch(processor, examples, grid, config, rng)
-        keep = keep_masks(batch["targets"], background_share(step, config), np.random.default_rng([config.seed, step]))
+        share = 1.0 if polish else background_share(step, config)
+        keep = keep_masks(batch["targets"], share, np.random.default_rng([config.seed, step]))
         guided = config.guide_weight > 0
         targets = guide_targets(batch, examples, processor.tokenizer, model.config.image_token_id) if guided else []
         with autocast:
@@ -515,33 +577,28 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print) -> dic
             embeds, positions, mask, labels = lm_inputs(model, batch, features, keep, kept)
             logits = lm_logits(model, embeds, positions, mask)
             lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-            aux_loss = heads(features, batch["targets"], batch["xy"])
+            aux_loss = heads(features, batch["targets"], batch["xy"]) if heads is not None else lm_loss * 0
             attn_loss = guides(targets, kept, mask) if guided else lm_loss * 0
             exit_loss = guides.early_exit(model, labels)
         step_optimizer(optimizer, lm_loss + config.aux_weight * aux_loss + config.guide_weight * attn_loss
-                       + config.exit_weight * exit_loss, learning_rate(step, config.steps, config))
+                       + config.exit_weight * exit_loss, learning_rate(local, steps, peak, config))
         losses.append((lm_loss.item(), aux_loss.item(), attn_loss.item(), exit_loss.item()))
         for types, oks in zip(batch["types"], turn_correct(logits.detach(), labels)):
             for t, ok in zip(types, oks):
                 correct.setdefault(t, []).append(ok)
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        if (local + 1) % config.eval_every == 0 or local + 1 == steps:
             model.eval()
             accuracy = dev_accuracy(Loaded(spec, model, processor, "training"), dev)
             lm, aux, attn, early = (float(np.mean([x[i] for x in losses[-50:]])) for i in range(4))
             seen = {t: float(np.mean(v[-400:])) for t, v in sorted(correct.items())}
-            history.append({"phase": "questions", "step": step + 1, "loss": lm, "aux_loss": aux, "guide_loss": attn, "exit_loss": early,
-                            "train_turns": seen, "dev_accuracy": accuracy["all"], "dev_by_type": accuracy,
-                            "seconds": time.perf_counter() - start})
+            history.append({"phase": phase, "step": local + 1, "loss": lm, "aux_loss": aux, "guide_loss": attn,
+                            "exit_loss": early, "train_turns": seen, "dev_accuracy": accuracy["all"],
+                            "dev_by_type": accuracy, "seconds": clock.seconds()})
             by_type = " ".join(f"{k[:4]} {v:.0%}" for k, v in accuracy.items() if k != "all")
-            progress(f"step {step + 1}/{config.steps}  loss {lm:.4f}  aux {aux:.3f}  guide {attn:.3f}  exit {early:.3f}  dev accuracy "
-                     f"{accuracy['all']:.1%} ({by_type})  teacher-forced "
-                     f"{' '.join(f'{k[:4]} {v:.0%}' for k, v in seen.items())}  {elapsed()}")
+            progress(f"{phase} step {local + 1}/{steps}  loss {lm:.4f}  aux {aux:.3f}  guide {attn:.3f}  "
+                     f"exit {early:.3f}  dev accuracy {accuracy['all']:.1%} ({by_type})  teacher-forced "
+                     f"{' '.join(f'{k[:4]} {v:.0%}' for k, v in seen.items())}  {clock}")
     guides.remove()
-    model.eval()
-    summary = {"config": dataclasses.asdict(config), "history": history, "seconds": time.perf_counter() - start,
-               "torch": torch.__version__}
-    save_model(model, processor, summary, out)
-    return summary
 
 
 def save_model(model, processor, summary: dict, out: Path) -> None:
@@ -555,11 +612,16 @@ def save_model(model, processor, summary: dict, out: Path) -> None:
 
 
 def command(args) -> None:
-    """`iwp train`: the recipe's defaults, with --steps/--batch/--seed overriding them when given."""
+    """`iwp train --stage base|polish`: the recipe's defaults, with --steps/--batch/--seed overriding them when
+    given (--steps is the stage's own phase: phase 2 for base, phase 3 for polish)."""
     from iwp.zoo import bundled_dir
-    config = TrainConfig(**{k: v for k, v in (("steps", args.steps), ("batch", args.batch), ("seed", args.seed))
+    steps = "polish_steps" if args.stage == "polish" else "steps"
+    config = TrainConfig(**{k: v for k, v in ((steps, args.steps), ("batch", args.batch), ("seed", args.seed))
                             if v is not None})
-    out = Path(args.out) if args.out else bundled_dir("ovqa-small")
-    summary = train(out, config, progress=lambda line: print(line, flush=True))
-    print(f"trained   {out} in {summary['seconds'] / 60:.1f} min; dev accuracy "
+    default = BASE_DIR if args.stage == "base" else bundled_dir("ovqa-small")
+    out = Path(args.out) if args.out else default
+    start_from = Path(args.start) if args.start else BASE_DIR
+    summary = train(out, config, progress=lambda line: print(line, flush=True), stage=args.stage,
+                    start_from=start_from)
+    print(f"trained   {out} ({args.stage}) in {summary['seconds'] / 60:.1f} min; dev accuracy "
           f"{summary['history'][-1]['dev_accuracy']:.1%}")
