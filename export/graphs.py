@@ -170,7 +170,9 @@ class SegmentGraph(torch.nn.Module):
                 rows += [transition_logits(h_in, attn_out), transition_logits(h_mid, mlp_out)]
         if self.last:
             x = model.norm(h[:, -1])
-            outputs = [F.linear(x, table) if table is not None else model.lm_head(x)]
+            # tied: (table @ x^T)^T, so the table input is GEMM's A operand; as F.linear's B operand ORT CPU
+            # repacks all of it every step (benchmarks/tied_head.py: about 2.5 ms a token at 0.5b)
+            outputs = [(table @ x.T).T if table is not None else model.lm_head(x)]
         else:
             outputs = [h]
         outputs += [torch.stack(rows, dim=1)] if rows else []
