@@ -176,7 +176,10 @@ def test_ablate_times_real_selections(capsys):
 def test_the_readmes_engine_names_are_the_ones_a_default_build_gets():
     from pathlib import Path
     from iwp.export.engine import EngineSpec, engine_name
+    from iwp.tools.options import method_options
+    from iwp.zoo import get_spec
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert f"engines/{engine_name(EngineSpec('ovqa-small', 'iwp', 64), '1x1')} " in readme   # the default build
+    calibrated = tuple(sorted(method_options(get_spec("ovqa-small"), "iwp", {}).items()))   # as `make engine` does
+    assert f"engines/{engine_name(EngineSpec('ovqa-small', 'iwp', 64, options=calibrated), '1x1')} " in readme
     assert f"engines/{engine_name(EngineSpec('tiny-llava-ov', 'iwp', 64), '2x2')} " in readme
     assert f"engines/{engine_name(EngineSpec('tiny-llava-ov', 'none'), '2x2')}" in readme
