@@ -620,7 +620,7 @@ def command(args) -> None:
                             if v is not None})
     default = BASE_DIR if args.stage == "base" else bundled_dir("ovqa-small")
     out = Path(args.out) if args.out else default
-    start_from = Path(args.start) if args.start else BASE_DIR
+    start_from = (Path(args.start) if args.start else BASE_DIR) if args.stage == "polish" else None
     summary = train(out, config, progress=lambda line: print(line, flush=True), stage=args.stage,
                     start_from=start_from)
     print(f"trained   {out} ({args.stage}) in {summary['seconds'] / 60:.1f} min; dev accuracy "
