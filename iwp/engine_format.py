@@ -43,6 +43,10 @@ ROLES = {
                "outputs": (KEPT, "hidden", "positions", "query_idx", "last_idx", "ttv")},
 }
 
+# The token axis of a segment's per-token tensors: a prompt can run through a segment in chunks (consecutive
+# runs at increasing offsets, each reading the caches the last one wrote), and these are cut and joined along it.
+TOKEN_AXIS = {"hidden": 1, "positions": 1, "transitions": 2}
+
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -6,7 +6,7 @@ prompt)`.
 The steps are public so that tools compose them instead of reaching in, and one observer sees every graph
 run: `Pipeline.from_engine(DIR, observer=obj)` or `pipeline.observe(obj)`, where
 `obj.on_graph(name, feeds, outputs, seconds)` is called after each run of a graph: embed, vision, each segment
-and select of the prefill, then embed and each segment per decode step (feeds and outputs by tensor name;
+(once per chunk of the prompt, PREFILL_CHUNK) and select of the prefill, then embed and each segment per decode step (feeds and outputs by tensor name;
 decode's are the arena's bound buffers, so copy what you keep).
 
 Everything about the engine is read from its manifest (iwp/engine_format.py), and tensors are bound by the
@@ -21,14 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from iwp.engine_format import EngineManifest
+from iwp.engine_format import TOKEN_AXIS, EngineManifest
 
 from .engine_dir import read_engine
 from .ort_backend import Graphs, OrtBackend, arena_buffer, load_sessions, make_arena
 from .prompt import prefill_arrays, prepare
 from .sampler import Sampler, SplitMix64
 
-__all__ = ["Pipeline", "Prefill", "Sampler", "SplitMix64", "read_manifest", "prepare"]
+__all__ = ["PREFILL_CHUNK", "Pipeline", "Prefill", "Sampler", "SplitMix64", "read_manifest", "prepare"]
+
+# A segment's prefill runs over at most this many tokens at a time. Its attention scores are [heads, T, capacity]
+# and ONNX Runtime's CPU widens them to fp32 and holds several at once: at 7B over 1,536 tokens that was 1.7 GB
+# above the resident weights, the generation's peak. Chunks of 512 bound it to a third (issue 15).
+PREFILL_CHUNK = 512
 
 
 def read_manifest(directory, verify_files: bool = True) -> EngineManifest:
@@ -47,15 +52,21 @@ class Prefill:
 
 
 class Pipeline:
-    def __init__(self, manifest: EngineManifest, processor, sessions: dict, observer=None):
+    def __init__(self, manifest: EngineManifest, processor, sessions: dict, observer=None,
+                 prefill_chunk: int | None = PREFILL_CHUNK):
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None (whole prompt), "
+                             f"got {prefill_chunk!r}")
         self.manifest, self.processor, self.sessions = manifest, processor, sessions
+        self.prefill_chunk = prefill_chunk
         self.directory = Path(manifest.directory)
         self.graphs = Graphs(manifest, sessions, observer)
         self.arena = make_arena(manifest)
 
     @classmethod
     def from_engine(cls, directory, budget: int | None = None, providers: list[str] | None = None,
-                    observer=None) -> Pipeline:
+                    observer=None, prefill_chunk: int | None = PREFILL_CHUNK) -> Pipeline:
         from iwp.processor import processor_from_checkpoint
         manifest = read_engine(directory)
         built = manifest.method.budget
@@ -64,7 +75,8 @@ class Pipeline:
         if budget is not None and budget != built:
             raise ValueError(f"engine {directory} was built for budget {built}, not {budget}; "
                              f"run `make engine BUDGET={budget}` or use the engine built for it")
-        return cls(manifest, processor_from_checkpoint(Path(directory)), load_sessions(manifest, providers), observer)
+        return cls(manifest, processor_from_checkpoint(Path(directory)), load_sessions(manifest, providers), observer,
+                   prefill_chunk)
 
     def observe(self, observer) -> None:
         """Set (or, with None, clear) the one observer of every graph run."""
@@ -101,9 +113,7 @@ class Pipeline:
         state, kept, caches = dict(arrays), [], []
         for graph in m.graphs[2:]:
             if graph.kind == "segment":
-                past = {(spec.role, spec.layer): arena_buffer(self.arena, self.arena.past, spec.layer, spec.role)
-                        for spec in m.caches(graph.name, "inputs")}
-                out = run(graph.name, {**state, **past})
+                out = self.segment_prefill(graph.name, state)
                 caches += [out[spec.name] for spec in m.caches(graph.name, "outputs")]
             else:
                 out = run(graph.name, state)
@@ -113,6 +123,29 @@ class Pipeline:
                 if spec.layer is None and spec.role != "kept":
                     state[spec.role] = out[spec.name]
         return {"logits": state["logits"], "kept": kept, "caches": caches}
+
+    def segment_prefill(self, graph: str, state: dict) -> dict:
+        """One segment over the prompt's tokens in `state` (by role), from the arena's empty caches, in chunks of
+        at most `prefill_chunk` tokens: every output by tensor name, per-token ones joined along their token
+        axis, the caches and logits those of the last chunk (which has the last token)."""
+        m = self.manifest
+        past = {(spec.role, spec.layer): arena_buffer(self.arena, self.arena.past, spec.layer, spec.role)
+                for spec in m.caches(graph, "inputs")}
+        tokens = state["hidden"].shape[TOKEN_AXIS["hidden"]]
+        chunk = self.prefill_chunk or tokens
+        pieces = []
+        for start in range(0, tokens, chunk):
+            part = {role: np.take(state[role], np.arange(start, min(start + chunk, tokens)), TOKEN_AXIS[role])
+                    for role in ("hidden", "positions")}
+            offset = np.asarray(state["offset"] + start, dtype=np.int64)
+            pieces.append(self.graphs.run(graph, {**state, **part, "offset": offset, **past}))
+            past = {(spec.role, spec.layer): pieces[-1][spec.name] for spec in m.caches(graph, "outputs")}
+        out = dict(pieces[-1])
+        if len(pieces) > 1:
+            for spec in m.io[graph].outputs:
+                if spec.role in TOKEN_AXIS:
+                    out[spec.name] = np.concatenate([p[spec.name] for p in pieces], TOKEN_AXIS[spec.role])
+        return out
 
     def decode(self, prefill: Prefill, max_new_tokens: int | None = None, sampler: Sampler | None = None,
                on_token: Callable[[int], bool | None] | None = None,

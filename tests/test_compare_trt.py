@@ -9,7 +9,7 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from iwp.demo import demo_image
 from iwp.engine_format import Plan
 from iwp.export.engine import EngineSpec, build
-from iwp.runtime.pipeline import Pipeline
+from iwp.runtime.pipeline import PREFILL_CHUNK, Pipeline
 from iwp.tools.compare_trt import compare_graphs, disagreements, profile_index, record
 
 
@@ -21,7 +21,13 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def feeds(pipeline):
-    return record(pipeline)
+    """Recorded from a pipeline that prefills in chunks of 7 tokens: the recording runs each segment over the
+    whole prompt (TensorRT's prefill) and gives the pipeline its chunks back."""
+    pipeline.prefill_chunk = 7
+    recorded = record(pipeline)
+    assert pipeline.prefill_chunk == 7
+    pipeline.prefill_chunk = PREFILL_CHUNK
+    return recorded
 
 
 def runs(manifest) -> list[tuple[str, str]]:

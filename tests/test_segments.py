@@ -78,6 +78,46 @@ def test_segments_match_pytorch_in_prefill_and_eight_decode_steps(engine, tiny, 
     assert len(observer.steps) == 7
 
 
+class SegmentRuns:
+    """The offset and token count of every run of one segment."""
+
+    def __init__(self, graph: str):
+        self.graph, self.runs = graph, []
+
+    def on_graph(self, name, feeds, outputs, seconds):
+        if name == self.graph:
+            self.runs.append((int(feeds["offset"]), feeds["hidden"].shape[1]))
+
+
+def test_a_prompt_run_in_chunks_gives_the_whole_prompts_prefill(engine):
+    """A segment's prefill in chunks (consecutive runs at increasing offsets, each reading the caches the last
+    wrote) keeps the same tokens at every stage, and the same logits, caches and greedy tokens, as one run."""
+    _, _, pipeline = engine
+    m = pipeline.manifest
+    chunked = Pipeline(m, pipeline.processor, pipeline.sessions, prefill_chunk=13)
+    batch = pipeline.prepare(demo_image(2), PROMPT)
+    whole = Pipeline(m, pipeline.processor, pipeline.sessions, prefill_chunk=None).prefill(batch)
+    runs = SegmentRuns("segment.0")
+    chunked.observe(runs)
+    got = chunked.prefill(batch)
+    chunked.observe(None)
+    tokens = batch.input_ids.shape[1]
+    assert runs.runs == [(start, min(13, tokens - start)) for start in range(0, tokens, 13)] and len(runs.runs) > 2
+    assert [k.tolist() for k in got.kept] == [k.tolist() for k in whole.kept]
+    np.testing.assert_allclose(got.logits, whole.logits, atol=TOL, rtol=0)
+    assert len(got.caches) == len(whole.caches)
+    for a, b in zip(got.caches, whole.caches):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=0)
+    assert chunked.decode(got, 8, stop_tokens=[]) == pipeline.decode(whole, 8, stop_tokens=[])
+
+
+@pytest.mark.parametrize("chunk", [0, -4, 2.5, True])
+def test_a_bad_prefill_chunk_is_refused(engine, chunk):
+    _, _, pipeline = engine
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive number of tokens"):
+        Pipeline(pipeline.manifest, pipeline.processor, pipeline.sessions, prefill_chunk=chunk)
+
+
 def _initializer_bytes(path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize

@@ -50,10 +50,13 @@ def record(pipeline, image=None, prompt: str = "What is in the image?") -> dict[
                          f"step never runs; build it with --max-new-tokens 2 or more to compare it")
     recorder = Recorder(pipeline.manifest)
     pipeline.observe(recorder)
+    # TensorRT's prefill runs each segment once over the whole prompt, so the feeds to compare are one run's
+    chunk, pipeline.prefill_chunk = pipeline.prefill_chunk, None
     try:   # no stop token: decode runs even when the first token is EOS
         pipeline.decode(pipeline.prefill(pipeline.prepare(image, prompt)), 2, stop_tokens=[])
     finally:
         pipeline.observe(None)
+        pipeline.prefill_chunk = chunk
     return recorder.feeds
 
 
