@@ -178,6 +178,25 @@ def test_guided_heads_look_from_each_answer_to_its_words_and_objects(processor):
     assert 0 < float(exit_loss) < 2 * math.log(len(tokenizer))      # a cross-entropy over the vocabulary
 
 
+def test_lookup_targets_are_the_spatial_shapes_places_and_the_counts():
+    from iwp.tools.train_lookup import lookup_targets
+    spatial, counting = ovqa.example("train", 2), ovqa.example("train", 1)
+    assert (spatial.qtype, counting.qtype) == ("spatial", "counting")
+    spans = [[(40, 42), (60, 62)], [(30, 32)]]
+    wanted = lookup_targets(spans, [[spatial.question, "Describe the scene."], [counting.question]],
+                            [["spatial", "describe"], ["counting"]], [spatial, counting])
+    (kind, query, places), (relation_kind, relation_query, relation) = wanted[0]
+    asked = next(r for r in ovqa.RELATIONS if f" {r} the " in spatial.question)
+    assert (relation_kind, relation_query, ovqa.RELATIONS[int(relation)]) == ("relation", 39, asked)
+    a, b = spatial.question[len("Is the "):-1].split(" the ")[0], spatial.question.rsplit(" the ", 1)[1][:-1]
+    shape_a = next(s for s in spatial.scene.shapes if a.startswith(s.name))
+    shape_b = next(s for s in spatial.scene.shapes if s.name == b)
+    assert (kind, query) == ("places", 39)
+    assert places.tolist() == pytest.approx([shape_a.x / 384, shape_a.y / 384, shape_b.x / 384, shape_b.y / 384])
+    (kind, query, count), = wanted[1]
+    assert (kind, query, int(count)) == ("counting", 29, int(counting.answer))
+
+
 def test_background_share_eases_to_the_whole_image():
     config = TrainConfig(steps=100, curriculum_until=0.5)
     assert background_share(0, config) == config.background_start
@@ -214,6 +233,14 @@ def test_a_short_run_saves_a_loadable_model(tmp_path):
         train(tmp_path / "other", dataclasses.replace(config, batch=3), stage="polish", start_from=tmp_path / "base")
     with pytest.raises(FileNotFoundError, match="stage base"):
         train(tmp_path / "other", config, stage="polish", start_from=tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds the base stage.*starts from the polish stage"):
+        train(tmp_path / "other", config, stage="lookup", start_from=tmp_path / "base")
+    looked = train(tmp_path / "lookup", dataclasses.replace(config, lookup_steps=1), progress=lambda _: None,
+                   stage="lookup", start_from=tmp_path / "model")
+    assert [h["phase"] for h in looked["history"]] == ["vision", "questions", "questions", "polish", "lookup"]
+    assert looked["history"][-1]["lookup_loss"] > 0      # the lookup's heads were trained on
+    after = safetensors.torch.load_file(tmp_path / "lookup" / "model.safetensors")
+    assert after.keys() == polished.keys() and any(not torch.equal(after[k], polished[k]) for k in after)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "model")
     assert model.config.text_config.num_hidden_layers == config.lm_layers
     loaded = Loaded(ModelSpec("ovqa-small", None, (1, 1), 64), model.eval(),

@@ -153,17 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="evals", help="reports go to OUT/<model>-<grid>-<source>/")
     p.set_defaults(func=command("evaluate"))
 
-    p = sub.add_parser("train", help="train ovqa-small on the OVQA train split, in two stages")
-    p.add_argument("--stage", required=True, choices=["base", "polish"],
+    p = sub.add_parser("train", help="train ovqa-small on the OVQA train split, in three stages")
+    p.add_argument("--stage", required=True, choices=["base", "polish", "lookup"],
                    help="base: the eye and the questions from the seed (about 70 min); polish: more questions "
-                        "from the base's weights (about 75 min)")
-    p.add_argument("--start", default=None, help="polish: the base stage's directory (default build/ovqa-small-base)")
+                        "from the base's weights (about 70 min); lookup: the polish with the lookup's heads "
+                        "from the polished weights (about 45 min)")
+    p.add_argument("--start", default=None, help="the previous stage's directory (default: build/ovqa-small-base "
+                                                 "for polish, build/ovqa-small-polish for lookup)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="optimizer steps of the stage's question phase (default: the recipe's)")
     p.add_argument("--batch", type=positive_int, default=None, help="images per step (default: the recipe's)")
     p.add_argument("--seed", type=int, default=None, help="(default: the recipe's)")
-    p.add_argument("--out", default=None, help="model directory (default: build/ovqa-small-base for base, the "
-                                               "bundled iwp/weights/ovqa-small for polish)")
+    p.add_argument("--out", default=None, help="model directory (default: build/ovqa-small-base for base, "
+                                               "build/ovqa-small-polish for polish, the bundled "
+                                               "iwp/weights/ovqa-small for lookup)")
     p.set_defaults(func=command("train"))
 
     p = sub.add_parser("prepare", help="token ids and pixel values of one image and prompt, for the C++ app")

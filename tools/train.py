@@ -1,5 +1,5 @@
-"""`iwp train --stage base|polish` (`make train` runs both): train ovqa-small, a small LLaVA-OneVision of the
-real HF classes (SigLIP tower, projector, Qwen2 LM), on the OVQA train split, from a seed, on the CPU.
+"""`iwp train --stage base|polish|lookup` (`make train` runs all three): train ovqa-small, a small LLaVA-OneVision
+of the real HF classes (SigLIP tower, projector, Qwen2 LM), on the OVQA train split, from a seed, on the CPU.
 
 The recipe, and why:
 - A byte-level BPE tokenizer with merges learned on OVQA's train-split text (sign strings left out, so a
@@ -30,6 +30,9 @@ The recipe, and why:
   learned late (the base run's curve is still rising when its learning rate reaches zero), and two runs of
   about 70 minutes each fit a sitting where one of 140 would not. The polish starts from the base stage's
   saved model alone, so that directory is the checkpoint between the runs.
+- Phase 4, the lookup's contents (a third run, `--stage lookup`, tools/train_lookup.py): the polish again on
+  new scenes, with linear heads on the lookup layer's output that ask for a spatial question's two places and
+  relation, and a count: the polished model's answer positions held no trace of the places or the relation.
 - Both grids: most steps use 1x1 (528 visual tokens); every `anyres_every`-th step uses 2x2 (1312).
 - AdamW with linear warm-up and cosine decay; bf16 autocast on the CPU; the weights stay and are saved fp32.
 - Deterministic: the data are a function of (phase, step, index), the weights of the seed, and the thread
@@ -63,6 +66,8 @@ VISION_OFFSET = 5_000_000            # phase 1's scenes start here
 TOKENIZER_VOCAB = 420
 ORDINALS = ovqa.SIGN_LENGTH
 BASE_DIR = Path("build/ovqa-small-base")   # the base stage's output: the polish stage's checkpoint
+POLISH_DIR = Path("build/ovqa-small-polish")   # the polish stage's output: the lookup stage's checkpoint
+STAGES = {"base": None, "polish": "base", "lookup": "polish"}   # each stage and the stage it starts from
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,14 @@ class TrainConfig:
     eval_every: int = 500
     polish_steps: int = 2500         # phase 3 (stage "polish"): the questions again, every token, ...
     polish_lr: float = 1e-3          # ... from phase 2's weights with a fresh schedule at this peak
+    lookup_steps: int = 1800         # phase 4 (stage "lookup"): the polish with the lookup's heads, ...
+    lookup_lr: float = 7e-4          # ... from phase 3's weights with a fresh schedule at this peak
+    lookup_weight: float = 1.0       # the lookup's heads: see train_lookup.LookupHeads
     bf16: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "polish_steps", "batch", "questions", "anyres_every", "threads", "eval_every", "lm_layers"):
+        for name in ("steps", "polish_steps", "lookup_steps", "batch", "questions", "anyres_every", "threads",
+                     "eval_every", "lm_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train {name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.background_start <= 1:
@@ -478,7 +487,7 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print, stage:
           start_from: Path | None = None) -> dict:
     """Stage "base": phases 1 and 2 from the seed. Stage "polish": phase 3 from a base model's directory
     (`start_from`), so each run stays under about 70 minutes and the base's output is the polish's
-    checkpoint."""
+    checkpoint. Stage "lookup": phase 4 from a polished model's directory."""
     torch.set_num_threads(config.threads)
     clock = Clock()
     if stage == "base":
@@ -487,11 +496,11 @@ def train(out: Path, config: TrainConfig = TrainConfig(), progress=print, stage:
         heads, history = TokenHeads(model.config.text_config.hidden_size, config.glyph_weight), []
         eye_phase(model, processor, heads, config, clock, history, progress)
         question_phase(model, processor, heads, config, clock, history, progress, phase="questions")
-    elif stage == "polish":
-        model, processor, history = load_stage(start_from, config)
-        question_phase(model, processor, None, config, clock, history, progress, phase="polish")
+    elif stage in STAGES:
+        model, processor, history = load_stage(start_from, config, stage)
+        question_phase(model, processor, None, config, clock, history, progress, phase=stage)
     else:
-        raise ValueError(f"train stage must be 'base' or 'polish', got {stage!r}")
+        raise ValueError(f"train stage must be one of {', '.join(STAGES)}, got {stage!r}")
     model.eval()
     summary = {"config": dataclasses.asdict(config), "stage": stage, "history": history,
                "seconds": clock.seconds(), "torch": torch.__version__}
@@ -510,21 +519,27 @@ class Clock:
         return f"{self.seconds() / 60:.1f} min"
 
 
-def load_stage(path: Path | None, config: TrainConfig):
-    """The base stage's model, processor and history; the polish must continue the same recipe."""
+def load_stage(path: Path | None, config: TrainConfig, stage: str = "polish"):
+    """The model, processor and history of the stage that `stage` starts from; it must continue the same
+    recipe (every setting but the later stages' own)."""
     from transformers import LlavaOnevisionForConditionalGeneration
     from iwp.processor import processor_from_checkpoint
+    previous = STAGES[stage]
     if path is None or not (Path(path) / "training.json").is_file():
-        raise FileNotFoundError(f"no base stage in {path}; run `iwp train --stage base --out {path}` first")
+        raise FileNotFoundError(f"no {previous} stage in {path}; run `iwp train --stage {previous} --out {path}` first")
     record = json.loads((Path(path) / "training.json").read_text())
-    base = TrainConfig(**record["config"])
-    differs = [f.name for f in dataclasses.fields(TrainConfig)
-               if not f.name.startswith("polish") and getattr(base, f.name) != getattr(config, f.name)]
+    if record.get("stage", "base") != previous:
+        raise ValueError(f"{path} holds the {record.get('stage', 'base')} stage, and the {stage} stage starts from "
+                         f"the {previous} stage; pass --start with its directory")
+    before = TrainConfig(**record["config"])
+    later = [name for name in STAGES if list(STAGES).index(name) > list(STAGES).index(previous)]
+    differs = [f.name for f in dataclasses.fields(TrainConfig) if not any(f.name.startswith(s) for s in later)
+               and getattr(before, f.name) != getattr(config, f.name)]
     if differs:
-        raise ValueError(f"the base stage in {path} was trained with other settings ({', '.join(differs)}); "
-                         f"retrain it with `iwp train --stage base`")
+        raise ValueError(f"the {previous} stage in {path} was trained with other settings ({', '.join(differs)}); "
+                         f"retrain it with `iwp train --stage {previous}`")
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
-    return model, processor_from_checkpoint(Path(path)), [h for h in record["history"] if h["phase"] != "polish"]
+    return model, processor_from_checkpoint(Path(path)), [h for h in record["history"] if h["phase"] != stage]
 
 
 def eye_phase(model, processor, heads, config: TrainConfig, clock: Clock, history: list, progress) -> None:
@@ -549,17 +564,23 @@ def eye_phase(model, processor, heads, config: TrainConfig, clock: Clock, histor
 
 def question_phase(model, processor, heads, config: TrainConfig, clock: Clock, history: list, progress,
                    phase: str) -> None:
-    """Phase 2 ("questions": the curriculum, the per-token heads at aux_weight) or phase 3 ("polish": every
-    token, no per-token heads, a fresh optimizer and schedule at polish_lr, on scenes phase 2 never read)."""
+    """Phase 2 ("questions": the curriculum, the per-token heads at aux_weight), phase 3 ("polish": every
+    token, no per-token heads, a fresh optimizer and schedule at polish_lr, on scenes phase 2 never read) or
+    phase 4 ("lookup": the polish with the lookup's heads, on scenes neither read, at lookup_lr)."""
     from iwp.calibration.evaluate import dev_accuracy, ovqa_items
     from iwp.zoo import Loaded, ModelSpec
-    polish = phase == "polish"
-    steps, peak = (config.polish_steps, config.polish_lr) if polish else (config.steps, config.lr)
-    offset = config.steps if polish else 0
+
+    from .train_lookup import LookupHeads, lookup_targets
+    polish = phase in ("polish", "lookup")
+    steps, peak, offset = {"questions": (config.steps, config.lr, 0),
+                           "polish": (config.polish_steps, config.polish_lr, config.steps),
+                           "lookup": (config.lookup_steps, config.lookup_lr, config.steps + config.polish_steps)}[phase]
+    lookup = LookupHeads(model.config.text_config.hidden_size) if phase == "lookup" else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16)
     dev = ovqa_items("train", config.dev_examples, start=DEV_OFFSET)
     spec = ModelSpec("ovqa-small", None, grid=(1, 1), budget=64)
-    trained = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
+    trained = [*model.parameters(), *(heads.parameters() if heads is not None else ()),
+               *(lookup.parameters() if lookup is not None else ())]
     optimizer, losses, correct = optimizer_for(trained, config), [], {}
     guides = GuidedHeads(model, config)
     for local in range(steps):
@@ -580,25 +601,36 @@ def question_phase(model, processor, heads, config: TrainConfig, clock: Clock, h
             aux_loss = heads(features, batch["targets"], batch["xy"]) if heads is not None else lm_loss * 0
             attn_loss = guides(targets, kept, mask) if guided else lm_loss * 0
             exit_loss = guides.early_exit(model, labels)
+            lookup_loss = lm_loss * 0
+            if lookup is not None:
+                spans = answer_spans(batch["input_ids"], processor.tokenizer)
+                wanted = lookup_targets(spans, batch["questions"], batch["types"], examples)
+                lookup_loss = lookup(guides.captured["exit"], wanted, kept)
         step_optimizer(optimizer, lm_loss + config.aux_weight * aux_loss + config.guide_weight * attn_loss
-                       + config.exit_weight * exit_loss, learning_rate(local, steps, peak, config))
-        losses.append((lm_loss.item(), aux_loss.item(), attn_loss.item(), exit_loss.item()))
+                       + config.exit_weight * exit_loss + config.lookup_weight * lookup_loss,
+                       learning_rate(local, steps, peak, config))
+        losses.append((lm_loss.item(), aux_loss.item(), attn_loss.item(), exit_loss.item(), lookup_loss.item()))
         for types, oks in zip(batch["types"], turn_correct(logits.detach(), labels)):
             for t, ok in zip(types, oks):
                 correct.setdefault(t, []).append(ok)
         if (local + 1) % config.eval_every == 0 or local + 1 == steps:
             model.eval()
             accuracy = dev_accuracy(Loaded(spec, model, processor, "training"), dev)
-            lm, aux, attn, early = (float(np.mean([x[i] for x in losses[-50:]])) for i in range(4))
+            lm, aux, attn, early, looked = (float(np.mean([x[i] for x in losses[-50:]])) for i in range(5))
             seen = {t: float(np.mean(v[-400:])) for t, v in sorted(correct.items())}
             history.append({"phase": phase, "step": local + 1, "loss": lm, "aux_loss": aux, "guide_loss": attn,
-                            "exit_loss": early, "train_turns": seen, "dev_accuracy": accuracy["all"],
+                            "exit_loss": early, "lookup_loss": looked, "train_turns": seen, "dev_accuracy": accuracy["all"],
                             "dev_by_type": accuracy, "seconds": clock.seconds()})
             by_type = " ".join(f"{k[:4]} {v:.0%}" for k, v in accuracy.items() if k != "all")
             progress(f"{phase} step {local + 1}/{steps}  loss {lm:.4f}  aux {aux:.3f}  guide {attn:.3f}  "
-                     f"exit {early:.3f}  dev accuracy {accuracy['all']:.1%} ({by_type})  teacher-forced "
+                     f"exit {early:.3f}  lookup {looked:.3f} {shown(lookup)}  dev accuracy {accuracy['all']:.1%} ({by_type})  teacher-forced "
                      f"{' '.join(f'{k[:4]} {v:.0%}' for k, v in seen.items())}  {clock}")
     guides.remove()
+
+
+def shown(lookup) -> str:
+    """The lookup heads' last step (phase 4), for the progress line."""
+    return "" if lookup is None else "(" + " ".join(f"{k} {v:.3f}" for k, v in lookup.last.items()) + ")"
 
 
 def save_model(model, processor, summary: dict, out: Path) -> None:
@@ -612,15 +644,16 @@ def save_model(model, processor, summary: dict, out: Path) -> None:
 
 
 def command(args) -> None:
-    """`iwp train --stage base|polish`: the recipe's defaults, with --steps/--batch/--seed overriding them when
-    given (--steps is the stage's own phase: phase 2 for base, phase 3 for polish)."""
+    """`iwp train --stage base|polish|lookup`: the recipe's defaults, with --steps/--batch/--seed overriding them
+    when given (--steps is the stage's own phase: phase 2 for base, 3 for polish, 4 for lookup)."""
     from iwp.zoo import bundled_dir
-    steps = "polish_steps" if args.stage == "polish" else "steps"
+    steps = {"base": "steps", "polish": "polish_steps", "lookup": "lookup_steps"}[args.stage]
     config = TrainConfig(**{k: v for k, v in ((steps, args.steps), ("batch", args.batch), ("seed", args.seed))
                             if v is not None})
-    default = BASE_DIR if args.stage == "base" else bundled_dir("ovqa-small")
-    out = Path(args.out) if args.out else default
-    start_from = (Path(args.start) if args.start else BASE_DIR) if args.stage == "polish" else None
+    directories = {"base": BASE_DIR, "polish": POLISH_DIR, "lookup": bundled_dir("ovqa-small")}
+    out = Path(args.out) if args.out else directories[args.stage]
+    previous = STAGES[args.stage]
+    start_from = (Path(args.start) if args.start else directories[previous]) if previous else None
     summary = train(out, config, progress=lambda line: print(line, flush=True), stage=args.stage,
                     start_from=start_from)
     print(f"trained   {out} ({args.stage}) in {summary['seconds'] / 60:.1f} min; dev accuracy "
