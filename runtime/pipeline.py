@@ -6,8 +6,8 @@ prompt)`.
 The steps are public so that tools compose them instead of reaching in, and one observer sees every graph
 run: `Pipeline.from_engine(DIR, observer=obj)` or `pipeline.observe(obj)`, where
 `obj.on_graph(name, feeds, outputs, seconds)` is called after each run of a graph: embed, vision, each segment
-(once per chunk of the prompt, PREFILL_CHUNK) and select of the prefill, then embed and each segment per decode step (feeds and outputs by tensor name;
-decode's are the arena's bound buffers, so copy what you keep).
+(once per chunk of the prompt, PREFILL_CHUNK) and select of the prefill, then embed and each segment per decode
+step (feeds and outputs by tensor name; decode's are the arena's bound buffers, so copy what you keep).
 
 Everything about the engine is read from its manifest (iwp/engine_format.py), and tensors are bound by the
 roles it records.
@@ -135,8 +135,8 @@ class Pipeline:
         chunk = self.prefill_chunk or tokens
         pieces = []
         for start in range(0, tokens, chunk):
-            part = {role: np.take(state[role], np.arange(start, min(start + chunk, tokens)), TOKEN_AXIS[role])
-                    for role in ("hidden", "positions")}
+            span = slice(start, start + chunk)   # a view: a prompt of one chunk is not copied
+            part = {role: state[role][(slice(None),) * TOKEN_AXIS[role] + (span,)] for role in ("hidden", "positions")}
             offset = np.asarray(state["offset"] + start, dtype=np.int64)
             pieces.append(self.graphs.run(graph, {**state, **part, "offset": offset, **past}))
             past = {(spec.role, spec.layer): pieces[-1][spec.name] for spec in m.caches(graph, "outputs")}

@@ -58,8 +58,8 @@ from PIL import Image
 
 from iwp.calibration import ovqa
 
-from .train_targets import (CENTRE, CLASS, IMAGE_SIZE, INSTANCE, ORDINAL, PATCH, SIZE, patch_targets, token_order,
-                            token_xy)
+from .train_targets import (CENTRE, CLASS, IMAGE_SIZE, INSTANCE, ORDINAL, PATCH, SIZE, patch_targets,
+                            question_objects, token_order, token_xy)
 
 DEV_OFFSET = 10_000_000              # train-split indices from here on are never trained on
 VISION_OFFSET = 5_000_000            # phase 1's scenes start here
@@ -308,19 +308,6 @@ def naming_ids(tokenizer) -> set[int]:
 
 
 GUIDED_HEADS = (0, 2)                # two heads on different KV heads: the question's first object, its second
-
-
-def question_objects(scene: ovqa.Scene, question: str) -> list[list[int]]:
-    """The visual regions a question's answer is read from, as instance ids (1 + a shape's index, 255 the
-    sign), one list per lookup: one lookup for most questions (the shapes it names, or the sign), two for a
-    spatial one (its first shape, then its second), none for the description."""
-    if question.startswith("Is the "):
-        text = question[len("Is the "):-1]
-        relation = next(r for r in ovqa.RELATIONS if f" {r} the " in text)
-        return [[1 + i for i, s in enumerate(scene.shapes) if s.name == name] for name in text.split(f" {relation} the ")]
-    if question == "Describe the scene.":
-        return []
-    return [[255 if i == ovqa.SIGN else 1 + i for i in ovqa.referents(scene, question)]]
 
 
 def guide_targets(batch: dict, examples: list[ovqa.Example], tokenizer, image_token: int) -> list[list]:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from iwp.calibration import ovqa
 
+from .train_targets import question_objects, spatial_relation
+
 MAX_COUNT = 6
 
 
@@ -26,14 +28,13 @@ def lookup_targets(spans: list[list[tuple[int, int]]], questions: list[list[str]
     that predicts the answer's first token. A spatial turn gives two: "places", [x_a, y_a, x_b, y_b] of its
     two shapes in [0, 1] of the canvas, and "relation", the index of its relation in ovqa.RELATIONS; a
     counting turn gives "counting", the count."""
-    from .train import question_objects
     out = []
     for row_spans, row_questions, row_types, e in zip(spans, questions, types, examples):
         rows = []
         for (start, _), question, qtype in zip(row_spans, row_questions, row_types):
             if qtype == "spatial":
                 a, b = (e.scene.shapes[ids[0] - 1] for ids in question_objects(e.scene, question))
-                relation = next(i for i, r in enumerate(ovqa.RELATIONS) if f" {r} the " in question)
+                relation = ovqa.RELATIONS.index(spatial_relation(question))
                 rows.append(("places", start - 1, torch.tensor([a.x, a.y, b.x, b.y]) / ovqa.CANVAS))
                 rows.append(("relation", start - 1, torch.tensor(relation)))
             elif qtype == "counting":

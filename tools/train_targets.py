@@ -105,3 +105,21 @@ def token_xy(grid: int) -> np.ndarray:
     tiles = np.stack(np.meshgrid(wide, wide), axis=-1)                                   # [rows, cols, 2]
     rows = np.concatenate([tiles, np.full((SIDE * grid, 1, 2), np.nan)], axis=1)
     return np.concatenate([base, rows.reshape(-1, 2)]).astype(np.float32)
+
+
+def spatial_relation(question: str) -> str:
+    """The relation a spatial question asks (one of ovqa.RELATIONS)."""
+    return next(r for r in ovqa.RELATIONS if f" {r} the " in question)
+
+
+def question_objects(scene: ovqa.Scene, question: str) -> list[list[int]]:
+    """The visual regions a question's answer is read from, as instance ids (1 + a shape's index, 255 the
+    sign), one list per lookup: one lookup for most questions (the shapes it names, or the sign), two for a
+    spatial one (its first shape, then its second), none for the description."""
+    if question.startswith("Is the "):
+        text = question[len("Is the "):-1]
+        relation = spatial_relation(question)
+        return [[1 + i for i, s in enumerate(scene.shapes) if s.name == name] for name in text.split(f" {relation} the ")]
+    if question == "Describe the scene.":
+        return []
+    return [[255 if i == ovqa.SIGN else 1 + i for i in ovqa.referents(scene, question)]]
